@@ -1,0 +1,1 @@
+"""The ``accel`` command line (``python -m accel.cli`` or ``accel``)."""

@@ -1,0 +1,85 @@
+"""Entry point of ``accel``: parses the subcommand and imports only what it needs.
+
+``accel --help`` must stay fast, so nothing heavy (torch, transformers) is imported here;
+each subcommand lives in its own module and is imported when chosen.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from accel.version import __version__
+
+COMMANDS = {
+    "plugins": "list installed plugins and the ones this checkout can install",
+    "install": "install plugins (from this checkout's plugins/ folder, else by package name)",
+    "configs": "list the sample acceleration configs shipped with accel",
+    "arguments": "print the command-line flags equivalent to an acceleration config",
+    "train": "fine-tune a model (see `accel train --help`); `accel train --demo` runs the demo",
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="accel",
+        description="Plugin-based acceleration for fine-tuning LLMs with Hugging Face.",
+    )
+    parser.add_argument("--version", action="version", version=f"accel {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    plugins = sub.add_parser("plugins", help=COMMANDS["plugins"], description=COMMANDS["plugins"])
+    plugins.add_argument("--json", action="store_true", help="machine-readable output")
+    install = sub.add_parser("install", help=COMMANDS["install"], description=COMMANDS["install"])
+    install.add_argument(
+        "names", nargs="+", metavar="PLUGIN", help="e.g. fused_ops attention_packing"
+    )
+    install.add_argument("--dry-run", action="store_true", help="print the pip command only")
+    install.add_argument(
+        "--editable", "-e", action="store_true", help="editable install from the checkout"
+    )
+    sub.add_parser("configs", help=COMMANDS["configs"], description=COMMANDS["configs"])
+    arguments = sub.add_parser(
+        "arguments", help=COMMANDS["arguments"], description=COMMANDS["arguments"]
+    )
+    arguments.add_argument("config", help="a sample name from `accel configs` or a YAML file path")
+    sub.add_parser("train", help=COMMANDS["train"], add_help=False)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "train":  # the trainer parses its own (large) argument set
+        return _run("train", argv[1:])
+    args = build_parser().parse_args(argv)
+    if args.command is None:
+        build_parser().print_help()
+        return 0
+    return _run(args.command, args)
+
+
+def _run(command: str, args: object) -> int:
+    from accel.errors import AccelError
+
+    try:
+        if command == "train":
+            from .train import run_train
+
+            return run_train(args)
+        if command == "plugins":
+            from .plugins import run_plugins
+
+            return run_plugins(args)
+        if command == "install":
+            from .install import run_install
+
+            return run_install(args)
+        from .configs import run_arguments, run_configs
+
+        return run_configs(args) if command == "configs" else run_arguments(args)
+    except AccelError as err:
+        print(f"accel: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("accel: interrupted", file=sys.stderr)
+        return 130

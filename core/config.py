@@ -1,0 +1,96 @@
+"""Reading acceleration configs: YAML files or mappings with a ``plugins:`` root.
+
+The layout is fms-acceleration's: nested keys under ``plugins:`` spell a path such as
+``training.fused_ops_and_kernels``; the mapping found at an activation path is that
+plugin's config. Any key that is not on the way to a known path is rejected with the
+valid keys at that level.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+from .errors import ConfigError, did_you_mean
+
+ROOT = "plugins"
+
+
+def read_yaml(path: str | Path) -> Any:
+    """Parse a YAML (or JSON) file with an error that names the file and line."""
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file '{path}' does not exist")
+    try:
+        return yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark is not None else str(path)
+        raise ConfigError(f"{where}: not valid YAML: {getattr(err, 'problem', err)}") from None
+
+
+def load_acceleration_config(source: str | Path | Mapping[str, Any] | None) -> dict[str, Any]:
+    """Return the mapping under ``plugins:`` (empty when ``source`` is None)."""
+    if source is None:
+        return {}
+    origin = "acceleration config"
+    if isinstance(source, (str, Path)):
+        origin = str(source)
+        source = read_yaml(source) or {}
+    if not isinstance(source, Mapping):
+        raise ConfigError(f"{origin}: expected a mapping with a '{ROOT}:' key, got {source!r}")
+    extra = [k for k in source if k != ROOT]
+    if extra:
+        raise ConfigError(
+            f"{origin}: unknown top-level key '{extra[0]}'; an acceleration config has a single "
+            f"'{ROOT}:' key.{did_you_mean(str(extra[0]), [ROOT])}"
+        )
+    tree = source.get(ROOT) or {}
+    if not isinstance(tree, Mapping):
+        raise ConfigError(f"{origin}: '{ROOT}' must be a mapping, got {tree!r}")
+    return dict(tree)
+
+
+def collect_sections(tree: Mapping[str, Any], known_paths: Iterable[str]) -> dict[str, Any]:
+    """Split the ``plugins:`` tree into ``{activation path: config}``.
+
+    ``known_paths`` are every activation path the framework knows (installed plugins and
+    the first-party catalog).
+    """
+    known = set(known_paths)
+    sections: dict[str, Any] = {}
+    _walk(tree, "", known, sections)
+    return sections
+
+
+def _walk(node: Mapping[str, Any], prefix: str, known: set[str], out: dict[str, Any]) -> None:
+    children = sorted({p[len(prefix) :].split(".")[0] for p in known if p.startswith(prefix)})
+    for key, value in node.items():
+        path = f"{prefix}{key}"
+        if path in known:
+            out[path] = {} if value is None else value
+        elif any(p.startswith(path + ".") for p in known):
+            if not isinstance(value, Mapping):
+                raise ConfigError(f"{ROOT}.{path}: expected a mapping, got {value!r}")
+            _walk(value, path + ".", known, out)
+        else:
+            where = f"{ROOT}.{prefix}".rstrip(".")
+            raise ConfigError(
+                f"{where}: unknown key '{key}'.{did_you_mean(str(key), children)} "
+                f"Valid keys here: {', '.join(children)}."
+            )
+
+
+def nest(sections: Mapping[str, Any]) -> dict[str, Any]:
+    """Inverse of :func:`collect_sections`: build the ``plugins:`` document from paths."""
+    tree: dict[str, Any] = {}
+    for path, value in sections.items():
+        node = tree
+        *parents, leaf = path.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    return {ROOT: tree}

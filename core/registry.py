@@ -1,0 +1,180 @@
+"""Plugin discovery (the ``accel.plugins`` entry-point group) and the first-party catalog.
+
+Nothing here is cached at module level: every framework discovers for itself, so tests
+and notebooks that install a plugin see it at once and two frameworks never share state.
+The catalog only *names* the first-party plugins (their package, folder, config paths and
+flags) so that a feature whose plugin is missing gets an exact install command.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+
+from .errors import AccelError, PluginConflictError, PluginNotInstalledError
+from .plugin import AccelerationPlugin
+
+ENTRY_POINT_GROUP = "accel.plugins"
+
+
+@dataclass(frozen=True)
+class CatalogEntry:
+    """A first-party plugin package of this repository."""
+
+    package: str  # plugin folder under plugins/ and the `accel install` name
+    distribution: str
+    extra: str
+    plugins: tuple[str, ...]
+    config_paths: tuple[str, ...]
+    flags: tuple[str, ...]
+    summary: str
+
+
+CATALOG: tuple[CatalogEntry, ...] = (
+    CatalogEntry(
+        "fused_ops",
+        "accel-fused-ops",
+        "fused-ops",
+        ("fused_ops",),
+        ("training.fused_ops_and_kernels", "peft.quantization.fused_ops_and_kernels"),
+        ("fast_kernels", "fused_lora"),
+        "Triton kernels: cross-entropy, fused linear CE, RMSNorm, RoPE, SwiGLU, fused LoRA",
+    ),
+    CatalogEntry(
+        "attention_packing",
+        "accel-attention-packing",
+        "attention-packing",
+        ("padding_free", "multipack"),
+        ("training.attention.padding_free", "training.dataloader.multipack"),
+        ("padding_free", "multipack"),
+        "padding-free training and multipack batching",
+    ),
+    CatalogEntry(
+        "peft",
+        "accel-peft",
+        "peft",
+        ("auto_gptq", "bitsandbytes"),
+        ("peft.quantization.auto_gptq", "peft.quantization.bitsandbytes"),
+        ("auto_gptq", "bnb_qlora"),
+        "GPTQ-LoRA (gptqmodel) and bitsandbytes QLoRA",
+    ),
+    CatalogEntry(
+        "moe",
+        "accel-moe",
+        "moe",
+        ("scattermoe",),
+        ("training.moe.scattermoe",),
+        ("fast_moe",),
+        "ScatterMoE kernels, expert parallelism, checkpoint export",
+    ),
+    CatalogEntry(
+        "odm",
+        "accel-odm",
+        "odm",
+        ("odm",),
+        ("training.odm.odm",),
+        ("odm",),
+        "online data mixing",
+    ),
+)
+
+
+def install_command(entry: CatalogEntry) -> str:
+    return f"python -m accel.cli install {entry.package}"
+
+
+def catalog_for_path(path: str) -> CatalogEntry | None:
+    return next((e for e in CATALOG if path in e.config_paths), None)
+
+
+def catalog_for_flag(flag: str) -> CatalogEntry | None:
+    return next((e for e in CATALOG if flag in e.flags), None)
+
+
+def catalog_for_name(name: str) -> CatalogEntry | None:
+    """Find a catalog entry by folder name, plugin name or distribution name."""
+    norm = name.replace("-", "_").lower()
+    for entry in CATALOG:
+        names = {entry.package, entry.distribution.replace("-", "_"), *entry.plugins}
+        if norm in names:
+            return entry
+    return None
+
+
+def missing_plugin_error(what: str, entry: CatalogEntry) -> PluginNotInstalledError:
+    return PluginNotInstalledError(
+        f"{what} needs the plugin package '{entry.distribution}' ({entry.summary}), which is not "
+        f"installed. Install it with: {install_command(entry)}"
+    )
+
+
+@dataclass(frozen=True)
+class PluginInfo:
+    """An installed plugin class and where it came from."""
+
+    name: str
+    cls: type[AccelerationPlugin]
+    distribution: str
+    version: str
+    entry_point: str
+
+
+def discover_plugins() -> dict[str, PluginInfo]:
+    """Load every plugin class registered in the ``accel.plugins`` entry-point group."""
+    found: dict[str, PluginInfo] = {}
+    for ep in metadata.entry_points(group=ENTRY_POINT_GROUP):
+        dist = ep.dist.name if ep.dist is not None else "?"
+        version = ep.dist.version if ep.dist is not None else "?"
+        try:
+            cls = ep.load()
+        except Exception as err:  # a broken third-party plugin must say who it is
+            raise AccelError(
+                f"plugin entry point '{ep.name} = {ep.value}' from package '{dist}' failed to "
+                f"import: {type(err).__name__}: {err}. Fix or uninstall that package."
+            ) from err
+        info = plugin_info(cls, dist, version, f"{ep.name} = {ep.value}")
+        if info.name in found:
+            other = found[info.name]
+            raise PluginConflictError(
+                f"two installed plugins are named '{info.name}': from '{other.distribution}' and "
+                f"from '{info.distribution}'. Uninstall one of them."
+            )
+        found[info.name] = info
+    return found
+
+
+def plugin_info(
+    cls: type, distribution: str = "?", version: str = "?", entry: str = ""
+) -> PluginInfo:
+    if not (isinstance(cls, type) and issubclass(cls, AccelerationPlugin)):
+        raise AccelError(
+            f"entry point '{entry}' of package '{distribution}' does not name a subclass of "
+            "accel.AccelerationPlugin"
+        )
+    if not cls.name or not cls.config_paths:
+        raise AccelError(
+            f"plugin class {cls.__qualname__} from '{distribution}' must declare `name` and "
+            "`config_paths`"
+        )
+    return PluginInfo(cls.name, cls, distribution, version, entry)
+
+
+def checkout_root() -> Path | None:
+    """The repository checkout this core was installed from, if it is still there."""
+    here = Path(__file__).resolve()
+    candidates = [here.parent.parent, Path.cwd()]
+    try:
+        direct = metadata.distribution("accel").read_text("direct_url.json")
+    except metadata.PackageNotFoundError:
+        direct = None
+    if direct:
+        import json
+
+        url = json.loads(direct).get("url", "")
+        if url.startswith("file://"):
+            candidates.insert(0, Path(url[len("file://") :]))
+    for root in candidates:
+        if (root / "plugins").is_dir() and (root / "pyproject.toml").is_file():
+            return root
+    return None

@@ -1,0 +1,268 @@
+"""``accel.train``: one fine-tuning run, from arguments to a saved model and a summary.
+
+The stages, in order: build the acceleration framework (so config errors surface before
+anything heavy loads), tokenizer, architecture check, model loading (a plugin may own it),
+PEFT config, plugin augmentation, adapters, patch rules, data, collator, trainer, train,
+atomic save, plugin export, summary.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import shutil
+import sys
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..errors import ConfigError
+from ..flags import sections_from_flags
+from ..framework import AccelerationFramework
+from ..registry import discover_plugins
+from .parsing import TrainConfig, parse_argv, parse_mapping
+
+logger = logging.getLogger("accel")
+
+
+@dataclass
+class TrainResult:
+    """What a run produced; ``summary`` is what the trainer printed at the end."""
+
+    metrics: dict[str, Any]
+    summary: dict[str, Any]
+    model_dir: str | None
+    framework: AccelerationFramework
+    log_history: list[dict[str, Any]] = field(default_factory=list)
+
+
+def train(config: Mapping[str, Any] | TrainConfig | None = None, **kwargs: Any) -> TrainResult:
+    """Fine-tune a model. Pass fms-hf-tuning's argument names as keyword arguments
+    (``accel.train(model_name_or_path=..., fast_kernels=[True, True, True])``) or a mapping."""
+    available = discover_plugins()
+    if not isinstance(config, TrainConfig):
+        config = parse_mapping({**(config or {}), **kwargs}, available)
+    return run(config, available)
+
+
+def main_from_argv(argv: Sequence[str]) -> TrainResult:
+    available = discover_plugins()
+    return run(parse_argv(argv, available), available)
+
+
+def build_framework(config: TrainConfig, available: Mapping[str, Any]) -> AccelerationFramework:
+    sections = sections_from_flags(config.flags, available)
+    return AccelerationFramework(
+        config.acceleration.acceleration_config, sections=sections, available=available
+    )
+
+
+def run(config: TrainConfig, available: Mapping[str, Any]) -> TrainResult:
+    import torch
+    import transformers
+
+    if not config.model.model_name_or_path:
+        raise ConfigError(
+            "model_name_or_path is required (or pass --demo for the embedded tiny model)"
+        )
+    if not config.data.training_data_path:
+        raise ConfigError(
+            "training_data_path is required (or pass --demo for the embedded dataset)"
+        )
+    framework = build_framework(config, available)
+    args = config.training
+    _configure_logging(args)
+    transformers.set_seed(args.seed)
+
+    tokenizer = _load_tokenizer(config)
+    model_config = transformers.AutoConfig.from_pretrained(config.model.model_name_or_path)
+    framework.check_model(model_config)
+    model = framework.load_model(
+        config.model.model_name_or_path, default=_default_loader, **_model_kwargs(config, torch)
+    )
+    if args.gradient_checkpointing:
+        model.config.use_cache = False
+
+    from .tuning import build_peft_config
+
+    peft_config = build_peft_config(model, tokenizer, config.tuning)
+    model, peft_config = framework.augment_model(model, args, peft_config)
+    if peft_config is not None:
+        import peft
+
+        model = peft.get_peft_model(model, peft_config)
+    framework.apply_patches(model)
+
+    train_ds, eval_ds = _datasets(config, tokenizer, framework)
+    from transformers import DataCollatorForSeq2Seq
+
+    default_collator = DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100)
+    collator = framework.data_collator(tokenizer, args, default_collator)
+
+    from .callbacks import JsonlLogCallback, PluginSaveCallback
+    from .trainer import AccelTrainer
+
+    if args.eval_strategy != "no" and eval_ds is None:
+        args.eval_strategy = transformers.IntervalStrategy.NO
+    args.remove_unused_columns = False
+    trainer = AccelTrainer(
+        model=model,
+        args=args,
+        train_dataset=train_ds,
+        eval_dataset=eval_ds,
+        data_collator=collator,
+        processing_class=tokenizer,
+        framework=framework,
+        callbacks=[JsonlLogCallback(args.output_dir), PluginSaveCallback(framework, model)],
+    )
+    for callback in framework.callbacks(model, trainer.accelerator):
+        trainer.add_callback(callback)
+
+    if trainer.is_world_process_zero():
+        print(framework.report(), flush=True)
+        logger.info("\n%s", framework.report())
+
+    resume = resolve_resume(args.resume_from_checkpoint, args.output_dir)
+    if resume and trainer.is_world_process_zero():
+        print(f"accel: resuming from {resume}", flush=True)
+    start = time.perf_counter()
+    output = trainer.train(resume_from_checkpoint=resume)
+    runtime = time.perf_counter() - start
+
+    model_dir = None
+    if args.save_model_dir:
+        model_dir = save_model_atomically(trainer, args.save_model_dir)
+    export_dir = model_dir or args.output_dir
+    if trainer.is_world_process_zero():
+        framework.export(trainer.model, export_dir)
+
+    tokens, real_tokens = trainer.global_token_counts()
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    summary = {
+        "runtime_s": round(runtime, 2),
+        "train_steps": trainer.state.global_step,
+        "train_tokens_per_s": round(tokens / runtime, 1) if runtime > 0 else math.nan,
+        "dataset_tokens_per_s": round(real_tokens / runtime, 1) if runtime > 0 else math.nan,
+        "first_loss": losses[0] if losses else None,
+        "final_loss": losses[-1] if losses else output.training_loss,
+        "model_saved_to": model_dir or "(not saved: set save_model_dir)",
+        "logs": str(Path(args.output_dir) / "training_logs.jsonl"),
+    }
+    if trainer.is_world_process_zero():
+        print(format_summary(summary), flush=True)
+    return TrainResult(
+        dict(output.metrics), summary, model_dir, framework, trainer.state.log_history
+    )
+
+
+def format_summary(summary: Mapping[str, Any]) -> str:
+    width = max(len(k) for k in summary)
+    lines = ["", "=" * 60, "accel training summary", "-" * 60]
+    lines += [f"{k:<{width}} : {v}" for k, v in summary.items()]
+    lines.append("=" * 60)
+    return "\n".join(lines)
+
+
+def _configure_logging(args: Any) -> None:
+    if not logging.getLogger().handlers:
+        logging.basicConfig(format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    logger.setLevel(logging.INFO if args.process_index == 0 else logging.WARNING)
+
+
+def _load_tokenizer(config: TrainConfig) -> Any:
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(
+        config.model.tokenizer_name_or_path or config.model.model_name_or_path
+    )
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def _model_kwargs(config: TrainConfig, torch: Any) -> dict[str, Any]:
+    dtype = config.model.torch_dtype
+    kwargs: dict[str, Any] = {"dtype": dtype if dtype == "auto" else getattr(torch, dtype)}
+    if config.model.attn_implementation:
+        kwargs["attn_implementation"] = config.model.attn_implementation
+    return kwargs
+
+
+def _default_loader(name_or_path: str, **kwargs: Any) -> Any:
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(name_or_path, **kwargs)
+
+
+def _datasets(
+    config: TrainConfig, tokenizer: Any, framework: AccelerationFramework
+) -> tuple[Any, Any]:
+    from .data import load_data_file, tokenize_dataset
+
+    args = config.training
+    with args.main_process_first(desc="preparing datasets"):
+        train_raw = load_data_file(config.data.training_data_path)
+        train_ds = tokenize_dataset(
+            train_raw, tokenizer, config.data, config.data.training_data_path
+        )
+        train_ds = framework.prepare_dataset(train_ds, tokenizer, args)
+        eval_ds = None
+        if config.data.validation_data_path:
+            eval_raw = load_data_file(config.data.validation_data_path)
+            eval_ds = tokenize_dataset(
+                eval_raw, tokenizer, config.data, config.data.validation_data_path
+            )
+    return train_ds, eval_ds
+
+
+def resolve_resume(value: Any, output_dir: str) -> str | None:
+    """``None``/"true": newest complete checkpoint in output_dir (if any); "false": none;
+    anything else: that checkpoint path, which must exist."""
+    text = str(value).strip().lower() if value is not None else ""
+    if text in ("false", "no", "0"):
+        return None
+    if text in ("", "true", "yes", "1", "none"):
+        return newest_checkpoint(output_dir)
+    if not Path(value).is_dir():
+        raise ConfigError(f"resume_from_checkpoint '{value}' is not a checkpoint directory")
+    return str(value)
+
+
+def newest_checkpoint(output_dir: str) -> str | None:
+    """The highest-numbered ``checkpoint-N`` that was completely written (has trainer_state.json)."""
+    root = Path(output_dir)
+    if not root.is_dir():
+        return None
+    found = []
+    for path in root.glob("checkpoint-*"):
+        suffix = path.name.split("-", 1)[1]
+        if suffix.isdigit() and (path / "trainer_state.json").is_file():
+            found.append((int(suffix), path))
+    return str(max(found)[1]) if found else None
+
+
+def save_model_atomically(trainer: Any, target: str) -> str:
+    """Save the final model (and tokenizer) into ``target`` without ever leaving it half-written:
+    write to a sibling temporary folder, then swap it in; an existing model there is replaced
+    only once the new one is complete."""
+    final = Path(target).resolve()
+    staging = final.with_name(f".{final.name}.tmp")
+    if trainer.is_world_process_zero() and staging.exists():
+        shutil.rmtree(staging)
+    trainer.accelerator.wait_for_everyone()
+    trainer.save_model(str(staging))  # every rank calls it: FSDP gathers the weights
+    trainer.accelerator.wait_for_everyone()
+    if trainer.is_world_process_zero():
+        final.parent.mkdir(parents=True, exist_ok=True)
+        old = final.with_name(f".{final.name}.old")
+        if final.exists():
+            if old.exists():
+                shutil.rmtree(old)
+            os.replace(final, old)
+        os.replace(staging, final)
+        shutil.rmtree(old, ignore_errors=True)
+    trainer.accelerator.wait_for_everyone()
+    return str(final)

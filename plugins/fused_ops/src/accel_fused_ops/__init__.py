@@ -1,0 +1,1 @@
+"""Fused Triton kernels (RMSNorm, RoPE, gated MLP activations, ...) for Hugging Face models."""

@@ -1,0 +1,56 @@
+"""The fused_ops config: one schema for both activation paths (fms-acceleration layout).
+
+``training.fused_ops_and_kernels`` usually carries the kernel switches and
+``peft.quantization.fused_ops_and_kernels`` the fused-LoRA ones, but either path accepts
+every key, as fms-acceleration's did; the plugin merges the two.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from typing import Literal
+
+FastLoss = Literal["cross_entropy", "fused_linear", "fused_ce_liger"]
+BaseLayer = Literal["auto_gptq", "bitsandbytes", "plain"]
+
+
+@dataclass
+class FusedOpsConfig:
+    #: True picks fused linear cross-entropy (no logits tensor) in training; "cross_entropy"
+    #: keeps the logits and uses the cross-entropy kernel; "fused_ce_liger" = "fused_linear"
+    fast_loss: bool | FastLoss = False
+    fast_rms_layernorm: bool = False
+    fast_rope_embeddings: bool = False
+    fast_swiglu: bool = False
+    #: the kind of layer LoRA adapters sit on: GPTQ (gptqmodel), bitsandbytes 4-bit, or plain
+    base_layer: BaseLayer | None = None
+    fused_lora: bool = False
+
+    def __post_init__(self) -> None:
+        if self.fused_lora and self.base_layer is None:
+            raise ValueError(
+                "fused_lora is true but base_layer is not set; set base_layer to auto_gptq, "
+                "bitsandbytes or plain (flag: --fused_lora <base_layer> True)"
+            )
+
+    def merged(self, other: FusedOpsConfig) -> FusedOpsConfig:
+        """Combine the configs of both paths: a switch is on if either path turns it on."""
+        default = FusedOpsConfig()
+        values = {}
+        for f in fields(self):
+            mine, theirs = getattr(self, f.name), getattr(other, f.name)
+            values[f.name] = theirs if mine == getattr(default, f.name) else mine
+            if mine != getattr(default, f.name) and theirs not in (getattr(default, f.name), mine):
+                raise ValueError(
+                    f"fused_ops_and_kernels.{f.name} is {mine!r} under one path and {theirs!r} "
+                    "under the other; give one value"
+                )
+        return FusedOpsConfig(**values)
+
+    @property
+    def loss_mode(self) -> str | None:
+        if self.fast_loss is False:
+            return None
+        if self.fast_loss is True or self.fast_loss == "fused_ce_liger":
+            return "fused_linear"
+        return self.fast_loss

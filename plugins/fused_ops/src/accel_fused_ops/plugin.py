@@ -1,0 +1,47 @@
+"""The fused_ops plugin class: config, flags, and the patch rules it hands to the core."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from functools import reduce
+from typing import Any
+
+from accel import AccelerationPlugin, Flag, PatchRule
+
+from .config import FusedOpsConfig
+
+TRAINING_PATH = "training.fused_ops_and_kernels"
+PEFT_PATH = "peft.quantization.fused_ops_and_kernels"
+
+
+class FusedOpsPlugin(AccelerationPlugin):
+    name = "fused_ops"
+    config_paths = (TRAINING_PATH, PEFT_PATH)
+    config_schema = FusedOpsConfig
+    flags = (
+        Flag(
+            name="fast_kernels",
+            path=TRAINING_PATH,
+            fields=("fast_loss", "fast_rms_layernorm", "fast_rope_embeddings", "fast_swiglu"),
+            nargs=(3, 4),
+            help="fast_loss fast_rms_layernorm fast_rope_embeddings [fast_swiglu], e.g. True True True",
+        ),
+        Flag(
+            name="fused_lora",
+            path=PEFT_PATH,
+            fields=("base_layer", "fused_lora"),
+            help="base_layer (auto_gptq|bitsandbytes|plain) and True, e.g. auto_gptq True",
+        ),
+    )
+    # peft's quantization plugins (when installed) must put the adapters in place first
+    after = ("auto_gptq", "bitsandbytes")
+
+    def __init__(self, configs: dict[str, FusedOpsConfig]) -> None:
+        super().__init__(configs)
+        #: both paths' configs merged into one (raises ValueError on contradicting values)
+        self.settings = reduce(FusedOpsConfig.merged, self.configs.values(), FusedOpsConfig())
+
+    def patch_rules(self, model: Any) -> Sequence[PatchRule]:
+        from .rules import build_rules
+
+        return build_rules(self.settings, model)

@@ -1,0 +1,164 @@
+"""RoPE kernels against transformers' ``apply_rotary_pos_emb`` and ``LlamaRotaryEmbedding``.
+
+Tolerances: fp32 rtol=1e-5, atol=1e-6 (the rotation is two products and a sum per element).
+bf16: max abs error <= 1e-2 * max |expected| (transformers rounds each product to bf16, the
+kernel rounds once). Packed rows against separate examples: exact (same per-token inputs,
+same arithmetic). The PyTorch path reproduces the forward bit for bit (``torch.equal``).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from accel_fused_ops.kernels.rope import apply_rotary_pos_emb
+from transformers import LlamaConfig, Phi3Config
+from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+from transformers.models.llama.modeling_llama import apply_rotary_pos_emb as hf_rope
+from transformers.models.phi3.modeling_phi3 import Phi3RotaryEmbedding
+from transformers.models.phi3.modeling_phi3 import apply_rotary_pos_emb as hf_partial_rope
+
+B, H, HKV, S = 2, 3, 1, 37  # GQA: 3 query heads share 1 key head; 74 programs
+
+
+@pytest.fixture(params=["triton", "torch"])
+def impl(request, monkeypatch):
+    monkeypatch.setenv("ACCEL_KERNEL_IMPL", request.param)
+    return request.param
+
+
+def assert_close(actual: torch.Tensor, expected: torch.Tensor) -> None:
+    assert actual.dtype == expected.dtype and actual.shape == expected.shape
+    if expected.dtype == torch.float32:
+        torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-6)
+    else:
+        err = (actual.float() - expected.float()).abs().max().item()
+        scale = expected.float().abs().max().item()
+        assert err <= 1e-2 * scale, f"max abs error {err} > 1e-2 * {scale}"
+
+
+def rotary(head_dim: int) -> LlamaRotaryEmbedding:
+    config = LlamaConfig(
+        hidden_size=H * head_dim,
+        num_attention_heads=H,
+        num_key_value_heads=HKV,
+        head_dim=head_dim,
+        max_position_embeddings=256,
+    )
+    return LlamaRotaryEmbedding(config)
+
+
+def projections(dtype, head_dim, heads_dim=1, seed=0):
+    """q, k as a model makes them: (B, S, H, D) projections, transposed for heads_dim=1."""
+    torch.manual_seed(seed)
+    q = torch.randn(B, S, H, head_dim, dtype=dtype)
+    k = torch.randn(B, S, HKV, head_dim, dtype=dtype)
+    if heads_dim == 1:
+        q, k = q.transpose(1, 2), k.transpose(1, 2)
+    return q.requires_grad_(), k.requires_grad_()
+
+
+def forward_backward(fn, q, k, cos, sin, grads, **kw):
+    q_out, k_out = fn(q, k, cos, sin, **kw)
+    dq, dk = torch.autograd.grad((q_out, k_out), (q, k), grads)
+    return q_out, k_out, dq, dk
+
+
+def check_against(fn_ref, q, k, cos, sin, impl, **kw):
+    expected = fn_ref(q, k, cos, sin, **kw)
+    grads = (torch.randn_like(expected[0]), torch.randn_like(expected[1]))
+    expected = forward_backward(fn_ref, q, k, cos, sin, grads, **kw)
+    got = forward_backward(apply_rotary_pos_emb, q, k, cos, sin, grads, **kw)
+    for g, e in zip(got, expected):
+        assert_close(g, e)
+    if impl == "torch":
+        assert torch.equal(got[0], expected[0]) and torch.equal(got[1], expected[1])
+    return got
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_matches_transformers(impl, dtype):
+    q, k = projections(dtype, head_dim=24)
+    position_ids = torch.stack([torch.arange(S), torch.arange(5, 5 + S)])
+    cos, sin = rotary(24)(q, position_ids)
+    check_against(hf_rope, q, k, cos, sin, impl)
+
+
+def test_packed_rows_equal_separate_examples(impl):
+    """position_ids restarting inside a row (padding-free batches) rotate each example as if
+    it ran alone, because cos/sin are gathered per token."""
+    lengths = [4, 3, 2, 11, 17]
+    assert sum(lengths) == S
+    position_ids = torch.cat([torch.arange(n) for n in lengths])[None]  # [[0,1,2,3,0,1,2,0,1,...]]
+    emb = rotary(24)
+    torch.manual_seed(1)
+    q = torch.randn(1, H, S, 24, requires_grad=True)
+    k = torch.randn(1, HKV, S, 24, requires_grad=True)
+    grads = (torch.randn(1, H, S, 24), torch.randn(1, HKV, S, 24))
+
+    cos, sin = emb(q, position_ids)
+    packed = forward_backward(apply_rotary_pos_emb, q, k, cos, sin, grads)
+    # The packed call also equals transformers on the same packed inputs.
+    for g, e in zip(packed, forward_backward(hf_rope, q, k, cos, sin, grads)):
+        assert_close(g, e)
+
+    start = 0
+    for n in lengths:
+        part = slice(start, start + n)
+        q_i = q.detach()[:, :, part].clone().requires_grad_()
+        k_i = k.detach()[:, :, part].clone().requires_grad_()
+        cos_i, sin_i = emb(q_i, torch.arange(n)[None])
+        grads_i = (grads[0][:, :, part], grads[1][:, :, part])
+        alone = forward_backward(apply_rotary_pos_emb, q_i, k_i, cos_i, sin_i, grads_i)
+        for p, a in zip(packed, alone):
+            assert torch.equal(p[:, :, part], a)
+        start += n
+
+
+def test_heads_on_dim_2_with_shared_positions(impl):
+    """(B, S, H, D) layout with unsqueeze_dim=2, head_dim 40, cos/sin of batch 1."""
+    q, k = projections(torch.float32, head_dim=40, heads_dim=2, seed=2)
+    cos, sin = rotary(40)(q, torch.arange(S)[None])
+    assert cos.shape[0] == 1
+    q_out, k_out, _, _ = check_against(hf_rope, q, k, cos, sin, impl, unsqueeze_dim=2)
+    assert q_out.shape == (B, S, H, 40) and k_out.shape == (B, S, HKV, 40)
+
+
+def test_partial_rotary_matches_phi3(impl):
+    """Rotary dim 16 of head dim 24: the last 8 dims pass through (Phi3 semantics)."""
+    q, k = projections(torch.float32, head_dim=24, seed=3)
+    config = Phi3Config(
+        hidden_size=H * 24,
+        num_attention_heads=H,
+        num_key_value_heads=HKV,
+        partial_rotary_factor=16 / 24,
+        max_position_embeddings=256,
+    )
+    position_ids = torch.stack([torch.arange(S), torch.arange(7, 7 + S)])
+    cos, sin = Phi3RotaryEmbedding(config)(q, position_ids)
+    assert cos.shape[-1] == 16
+    check_against(hf_partial_rope, q, k, cos, sin, impl)
+
+
+def test_position_ids_argument_is_ignored_and_checked():
+    q, k = projections(torch.float32, head_dim=24)
+    position_ids = torch.arange(S).expand(B, S)
+    cos, sin = rotary(24)(q, position_ids)
+    with_ids = apply_rotary_pos_emb(q, k, cos, sin, position_ids)
+    without = apply_rotary_pos_emb(q, k, cos, sin)
+    assert all(torch.equal(a, b) for a, b in zip(with_ids, without))
+    with pytest.raises(TypeError, match="pass unsqueeze_dim by keyword"):
+        apply_rotary_pos_emb(q, k, cos, sin, 2)
+    with pytest.raises(ValueError, match="must have the same shape"):
+        apply_rotary_pos_emb(q, k, cos, sin[..., :12])
+
+
+def test_cos_sin_requiring_grad_fall_back_to_autograd(impl):
+    q, k = projections(torch.float32, head_dim=24, seed=4)
+    cos, sin = rotary(24)(q, torch.arange(S).expand(B, S))
+    cos, sin = cos.clone().requires_grad_(), sin.clone().requires_grad_()
+    q_out, k_out = apply_rotary_pos_emb(q, k, cos, sin)
+    d_cos, d_sin = torch.autograd.grad((q_out.sum() + k_out.sum()), (cos, sin))
+    e_q, e_k = hf_rope(q, k, cos, sin)
+    e_cos, e_sin = torch.autograd.grad((e_q.sum() + e_k.sum()), (cos, sin))
+    torch.testing.assert_close(d_cos, e_cos, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(d_sin, e_sin, rtol=1e-5, atol=1e-6)

@@ -1,0 +1,149 @@
+"""SwiGLU / GeGLU kernels against ``ACT2FN[name](gate) * up`` and real transformers MLPs.
+
+Tolerances: fp32 rtol=1e-5, atol=1e-5 (the kernel evaluates the activation with its own
+formula, e.g. tanh through a sigmoid). bf16: max abs error <= 1e-2 * max |expected|
+(transformers rounds the activation to bf16 before the product, the kernel rounds once).
+The PyTorch path reproduces the forward bit for bit (``torch.equal``).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from accel_fused_ops.kernels.swiglu import activation_params, gated_activation, geglu, swiglu
+from transformers import Gemma3TextConfig, GemmaConfig, LlamaConfig
+from transformers.activations import ACT2FN
+from transformers.models.gemma.modeling_gemma import GemmaMLP
+from transformers.models.gemma3.modeling_gemma3 import Gemma3MLP
+from transformers.models.llama.modeling_llama import LlamaMLP
+
+SHAPE = (3, 37, 129)  # 14319 elements: 14 programs of 1024, the last one masked
+
+
+@pytest.fixture(params=["triton", "torch"])
+def impl(request, monkeypatch):
+    monkeypatch.setenv("ACCEL_KERNEL_IMPL", request.param)
+    return request.param
+
+
+def assert_close(actual: torch.Tensor, expected: torch.Tensor) -> None:
+    assert actual.dtype == expected.dtype and actual.shape == expected.shape
+    if expected.dtype == torch.float32:
+        torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-5)
+    else:
+        err = (actual.float() - expected.float()).abs().max().item()
+        scale = expected.float().abs().max().item()
+        assert err <= 1e-2 * scale, f"max abs error {err} > 1e-2 * {scale}"
+
+
+OPS = {
+    "silu": swiglu,
+    "gelu_pytorch_tanh": lambda g, u: geglu(g, u, approximate="tanh"),
+    "gelu": lambda g, u: geglu(g, u, approximate="none"),
+}
+
+
+def check(op, act_name, gate, up, impl):
+    expected = ACT2FN[act_name](gate) * up
+    grad_out = torch.randn_like(expected)
+    exp_grads = torch.autograd.grad(expected, (gate, up), grad_out)
+    out = op(gate, up)
+    grads = torch.autograd.grad(out, (gate, up), grad_out)
+    assert_close(out, expected)
+    for g, e in zip(grads, exp_grads):
+        assert_close(g, e)
+    if impl == "torch":
+        assert torch.equal(out, expected)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("act_name", list(OPS))
+def test_matches_transformers_activation(impl, act_name, dtype):
+    torch.manual_seed(0)
+    gate = (2.0 * torch.randn(SHAPE)).to(dtype).requires_grad_()  # reaches the tails
+    up = torch.randn(SHAPE, dtype=dtype, requires_grad=True)
+    check(OPS[act_name], act_name, gate, up, impl)
+
+
+def test_slices_of_a_fused_gate_up_projection(impl):
+    """gate/up as column halves of one (..., 2I) output (row stride 2I) need no copy."""
+    torch.manual_seed(1)
+    fused = torch.randn(2, 37, 2 * 129, requires_grad=True)
+    gate, up = fused.chunk(2, dim=-1)
+    expected = torch.nn.functional.silu(gate) * up
+    grad_out = torch.randn_like(expected)
+    (exp_grad,) = torch.autograd.grad(expected, fused, grad_out)
+    out = swiglu(gate, up)
+    (grad,) = torch.autograd.grad(out, fused, grad_out)
+    assert_close(out, expected)
+    assert_close(grad, exp_grad)
+
+
+def test_backward_keeps_only_gate_and_up(impl):
+    gate = torch.randn(SHAPE, dtype=torch.bfloat16, requires_grad=True)
+    up = torch.randn(SHAPE, dtype=torch.bfloat16, requires_grad=True)
+    saved = []
+
+    def pack(t):
+        saved.append(t)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        geglu(gate, up)
+    assert len(saved) == 2 and saved[0] is gate and saved[1] is up
+
+
+def tiny(config_cls, **kw):
+    return config_cls(hidden_size=16, intermediate_size=40, num_attention_heads=2, **kw)
+
+
+def test_activation_params_of_real_mlps():
+    llama = LlamaMLP(tiny(LlamaConfig, hidden_act="silu"))
+    llama_gelu = LlamaMLP(tiny(LlamaConfig, hidden_act="gelu"))
+    gemma = GemmaMLP(tiny(GemmaConfig))  # default gelu_pytorch_tanh
+    gemma3 = Gemma3MLP(tiny(Gemma3TextConfig))  # reads config.hidden_activation
+    assert activation_params(llama) == {"kind": "swiglu"}
+    assert activation_params(llama_gelu) == {"kind": "geglu", "approximate": "none"}
+    assert activation_params(gemma) == {"kind": "geglu", "approximate": "tanh"}
+    assert activation_params(gemma3) == {"kind": "geglu", "approximate": "tanh"}
+
+
+@pytest.mark.parametrize(
+    "activation,expected",
+    [
+        ("silu", {"kind": "swiglu"}),
+        (ACT2FN["swish"], {"kind": "swiglu"}),
+        (ACT2FN["gelu_new"], {"kind": "geglu", "approximate": "tanh"}),
+        (ACT2FN["gelu_python"], {"kind": "geglu", "approximate": "none"}),
+        (torch.nn.GELU(approximate="tanh"), {"kind": "geglu", "approximate": "tanh"}),
+    ],
+)
+def test_activation_params_of_activations(activation, expected):
+    assert activation_params(activation) == expected
+
+
+@pytest.mark.parametrize("activation", ["relu", ACT2FN["gelu_fast"], ACT2FN["gelu_10"]])
+def test_activation_params_rejects_other_activations(activation):
+    with pytest.raises(ValueError, match="not an activation the fused gated MLP supports"):
+        activation_params(activation)
+
+
+def test_patched_mlp_equals_module(impl):
+    """What a patched Gemma MLP computes: down(gated_activation(gate, up, **params))."""
+    torch.manual_seed(2)
+    mlp = GemmaMLP(tiny(GemmaConfig))
+    x = torch.randn(2, 5, 16)
+    fused = mlp.down_proj(
+        gated_activation(mlp.gate_proj(x), mlp.up_proj(x), **activation_params(mlp))
+    )
+    torch.testing.assert_close(fused, mlp(x), rtol=1e-5, atol=1e-5)
+
+
+def test_bad_arguments():
+    g = torch.randn(4, 8)
+    with pytest.raises(ValueError, match="gate and up must have the same shape"):
+        swiglu(g, torch.randn(4, 9))
+    with pytest.raises(ValueError, match="approximate='fast' is not valid"):
+        geglu(g, g, approximate="fast")
+    with pytest.raises(ValueError, match="kind='reglu' is not valid"):
+        gated_activation(g, g, kind="reglu")
