@@ -7,14 +7,13 @@ rtol 1e-4, atol 1e-6 (observed differences are ~1e-7 relative).
 
 import pytest
 import torch
-from packing_tiny_models import padded_batch, random_examples, tiny_model, token_ce
-
 from accel_attention_packing.attention import (
     VARLEN_ATTENTION_NAME,
     disable_kv_cache,
     register_varlen_attention,
 )
 from accel_attention_packing.collator import PaddingFreeCollator
+from packing_tiny_models import padded_batch, random_examples, tiny_model, token_ce
 
 LENGTHS = [7, 13, 3, 10, 1, 6]
 MODELS = ["llama", "mistral", "mixtral", "granite", "gpt_bigcode", "qwen2", "qwen3"]
@@ -40,8 +39,10 @@ def _compare(model, examples, labels=None):
     model.set_attn_implementation("sdpa")
     ref_tok, ref_loss, ref_grads = _loss_and_grads(model, padded_batch(examples, labels))
     model.set_attn_implementation(VARLEN_ATTENTION_NAME)
-    feats = [{"input_ids": e} if labels is None else {"input_ids": e, "labels": lab}
-             for e, lab in zip(examples, labels or examples)]
+    feats = [
+        {"input_ids": e} if labels is None else {"input_ids": e, "labels": lab}
+        for e, lab in zip(examples, labels or examples)
+    ]
     tok, loss, grads = _loss_and_grads(model, PaddingFreeCollator()(feats))
     assert tok.shape == ref_tok.shape
     torch.testing.assert_close(tok, ref_tok, rtol=0, atol=1e-5)

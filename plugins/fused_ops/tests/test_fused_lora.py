@@ -10,8 +10,11 @@ Shapes: plain weights use in=65, out=47, r=3 and a (2, 7, 65) input. bitsandbyte
 the flattened weight in blocks of 64, so 65x47 works as well. GPTQ packs 8 input rows per int32
 (4-bit) and groups rows by 32: in=72 (three groups, the last one partial), out=40 or 44.
 
-Tolerances (stated per dtype in TOL): fp32 1e-5; fp16 / bf16 about two ulps of the outputs'
-magnitude (~8), since the fused op orders and rounds the sums differently from PEFT.
+Tolerances (TOL, per dtype) bound the largest absolute difference relative to the largest
+magnitude of the PEFT tensor: fp32 1e-5; fp16 2e-3 and bf16 1.6e-2, i.e. about two ulps at the
+top of the tensor's range. Elementwise relative checks would be wrong for low precision: a
+gradient entry that is a sum with cancellation carries the rounding error of its largest terms,
+and PEFT's own bf16 result is off from the fp32 one by the same amount as the fused op's.
 """
 
 from __future__ import annotations
@@ -29,11 +32,7 @@ from peft import LoraConfig, get_peft_model
 from torch import nn
 
 IN, OUT, R = 65, 47, 3
-TOL = {
-    torch.float32: {"rtol": 1e-5, "atol": 1e-5},
-    torch.float16: {"rtol": 2e-3, "atol": 8e-3},
-    torch.bfloat16: {"rtol": 2e-2, "atol": 6e-2},
-}
+TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
 
 
 # --------------------------------------------------------------------------- helpers
@@ -84,7 +83,9 @@ def _assert_matches(reference, fused, tol):
         ("grad", a, b) for a, b in zip(ref_grads, grads)
     ]:
         assert f.dtype == r.dtype, f"{name}: fused dtype {f.dtype} != PEFT dtype {r.dtype}"
-        torch.testing.assert_close(f, r, **tol, msg=lambda m, n=name: f"{n}: {m}")
+        scale = r.abs().max().item()
+        err = (f.float() - r.float()).abs().max().item()
+        assert err <= tol * scale, f"{name} {tuple(r.shape)}: max |diff| {err:.3g} > {tol} * {scale:.3g}"
 
 
 def _compare_with_peft(layer, x_dtype, seed=1234, tol=None):
@@ -128,7 +129,8 @@ def test_plain_linear_matches_peft(dtype, bias, dropout):
     if dropout:  # the mask must matter, or the comparison above proves nothing about it
         layer.eval()
         no_dropout = fused_lora_forward(layer, x).detach()
-        assert not torch.allclose(no_dropout, outputs[0], **TOL[dtype])
+        diff = (no_dropout.float() - outputs[0].float()).abs().max().item()
+        assert diff > 10 * TOL[dtype] * outputs[0].abs().max().item()
 
 
 def test_autocast_bf16_matches_peft():
@@ -236,9 +238,12 @@ def test_gptq_triton_dequant_matches_gptqmodel(bits, in_features, out_features, 
     # Small tiles so that several programs run and the edges are masked.
     fp16 = gptq_dequantize_triton(*args, torch.float16, block_k=32, block_n=32)
     torch.testing.assert_close(fp16, reference, rtol=0, atol=0)  # one rounding of an exact product
-    # gptqmodel rounds to fp16 first; bf16 output then differs by at most one bf16 ulp (2^-8 rel).
+    # fp32 output is the exact product: rounded to fp16 it must be gptqmodel's value bit for bit.
+    fp32 = gptq_dequantize_triton(*args, torch.float32, block_k=32, block_n=32)
+    torch.testing.assert_close(fp32.half(), reference, rtol=0, atol=0)
+    # gptqmodel rounds to fp16 first, the kernel once to bf16: at most one bf16 ulp (2^-7 rel).
     bf16 = gptq_dequantize_triton(*args, torch.bfloat16, block_k=32, block_n=32)
-    torch.testing.assert_close(bf16, reference.to(torch.bfloat16), rtol=2**-8, atol=0)
+    torch.testing.assert_close(bf16, reference.to(torch.bfloat16), rtol=2**-7, atol=0)
 
 
 @pytest.mark.parametrize(
@@ -286,9 +291,8 @@ def test_can_fuse_reasons():
     assert "AlphaDropout" in can_fuse(layer)
 
     torch.manual_seed(0)
-    model = Block(IN, emb=nn.Embedding(11, IN))
-    (emb,) = _lora(model, ["emb"])
-    assert "Embedding is not supported" in can_fuse(emb)
+    emb_model = get_peft_model(Block(IN, emb=nn.Embedding(11, IN)), LoraConfig(target_modules=["emb"]))
+    assert "Embedding is not supported" in can_fuse(emb_model.base_model.model.emb)
 
     torch.manual_seed(0)
     model = Block(IN, proj=nn.Linear(IN, OUT))
@@ -316,6 +320,9 @@ def test_runtime_states_fall_back_to_peft():
 def test_bad_shapes_are_named():
     base = nn.Linear(IN, OUT)
     a, b = torch.randn(R, IN), torch.randn(OUT, R)
+    with pytest.raises(ValueError, match="weight requires grad"):
+        fused_lora_linear(torch.randn(4, IN), base, a, b, 2.0)
+    base.requires_grad_(False)
     with pytest.raises(ValueError, match="in_features=65"):
         fused_lora_linear(torch.randn(4, IN + 1), base, a, b, 2.0)
     with pytest.raises(ValueError, match=r"lora_A \(3, 64\)"):

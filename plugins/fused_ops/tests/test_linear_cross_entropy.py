@@ -6,7 +6,7 @@ TRITON_INTERPRET=1). Shapes are odd on purpose: N=37 rows, H=65, V=1000, chunks 
 (the last chunk is partial). Tolerances: fp32 loss rtol=1e-5 (atol=1e-6 near zero), fp32
 gradients rtol=1e-5 with atol at 1e-5 of the largest gradient entry (chunked sums add in
 another order, which shows on entries that nearly cancel); bf16 loss
-rtol=1e-2 and gradients rtol=5e-2 with atol at 1% of the largest gradient entry (the weight
+rtol=1e-2 and gradients rtol=5e-2 with atol at 2% of the largest gradient entry (the weight
 gradient is summed per chunk in bf16, one rounding per chunk instead of one overall).
 """
 
@@ -76,7 +76,7 @@ def fp32_grad_tol(grad):
 
 
 def bf16_grad_tol(grad):
-    return {"rtol": 5e-2, "atol": 1e-2 * grad.float().abs().max().item()}
+    return {"rtol": 5e-2, "atol": 2e-2 * grad.float().abs().max().item()}
 
 
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])

@@ -256,12 +256,12 @@ def varlen_sdpa_attention_forward(
     value = _repeat_kv(value, n_heads // n_kv)
     opts = {"dropout": dropout, "scaling": scaling, "softcap": softcap}
 
-    if cu_seq_lens_q is not None and cu_seq_lens_k is not None and cu_seq_lens_q is not cu_seq_lens_k:
-        if not torch.equal(cu_seq_lens_q, cu_seq_lens_k):
-            raise NotImplementedError(
-                f"{VARLEN_ATTENTION_NAME} needs cu_seq_lens_q == cu_seq_lens_k (self-attention "
-                "on packed rows)"
-            )
+    same_cu = cu_seq_lens_q is None or cu_seq_lens_k is None or cu_seq_lens_q is cu_seq_lens_k
+    if not same_cu and not torch.equal(cu_seq_lens_q, cu_seq_lens_k):
+        raise NotImplementedError(
+            f"{VARLEN_ATTENTION_NAME} needs cu_seq_lens_q == cu_seq_lens_k (self-attention "
+            "on packed rows)"
+        )
 
     bounds: list[int] | None = None
     packed_hint = cu_seq_lens_q is not None
@@ -271,12 +271,12 @@ def varlen_sdpa_attention_forward(
                 f"{VARLEN_ATTENTION_NAME}: packed rows (cu_seq_lens) cannot be combined with a "
                 "KV cache; train with use_cache=False (see disable_kv_cache)"
             )
-        if isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 2:
-            if not bool(attention_mask.all()):
-                raise ValueError(
-                    "got both cu_seq_lens (a packed row) and a 2-D attention_mask with padding; "
-                    "a padding-free batch must not carry an attention_mask"
-                )
+        padded = isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 2
+        if padded and not bool(attention_mask.all()):
+            raise ValueError(
+                "got both cu_seq_lens (a packed row) and a 2-D attention_mask with padding; "
+                "a padding-free batch must not carry an attention_mask"
+            )
         bounds = _boundaries_from_cu_seq_lens(cu_seq_lens_q, batch * q_len)
     elif (
         attention_mask is None

@@ -126,7 +126,9 @@ class PaddingFreeCollator:
                 f"PaddingFreeCollator expects a list of examples, got {type(features).__name__}"
             )
         if len(features) == 0:
-            raise ValueError("PaddingFreeCollator got an empty batch; the sampler yielded no example")
+            raise ValueError(
+                "PaddingFreeCollator got an empty batch; the sampler yielded no example"
+            )
 
         input_ids: list[int] = []
         labels: list[int] = []

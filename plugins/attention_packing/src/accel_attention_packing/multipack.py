@@ -109,9 +109,11 @@ def _as_lengths(lengths: Any) -> np.ndarray:
     arr = np.asarray(lengths)
     if arr.ndim != 1:
         raise ValueError(f"lengths must be a 1-D sequence of ints, got shape {arr.shape}")
-    if arr.size and not np.issubdtype(arr.dtype, np.integer):
-        if not np.issubdtype(arr.dtype, np.floating) or not np.all(arr == np.round(arr)):
-            raise TypeError(f"lengths must be integers, got dtype {arr.dtype}")
+    integral = np.issubdtype(arr.dtype, np.integer) or (
+        np.issubdtype(arr.dtype, np.floating) and np.all(arr == np.round(arr))
+    )
+    if arr.size and not integral:
+        raise TypeError(f"lengths must be integers, got dtype {arr.dtype}")
     arr = arr.astype(np.int64, copy=False)
     if arr.size and arr.min() < 1:
         bad = int(np.flatnonzero(arr < 1)[0])

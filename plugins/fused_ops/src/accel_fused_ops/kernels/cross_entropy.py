@@ -187,25 +187,28 @@ def _ce_rows_torch(
     step = rows_per_chunk or max(1, _TORCH_CHUNK_ELEMENTS // max(n_cols, 1))
     for start in range(0, n_rows, step):
         end = min(start + step, n_rows)
-        # .to() may return logits itself (fp32 input): everything below is out of place
-        # until the first fresh temporary.
-        x = logits[start:end].to(compute_dtype)
-        t = torch.tanh(x / softcap) if softcap is not None else None
-        z = t * softcap if t is not None else x
-        lse = torch.logsumexp(z, dim=1)
+        # .to() may return a view of logits (fp32 input), which may also be grad_out: logits
+        # are only read until log_softmax has produced its own buffer, written last.
+        z = logits[start:end].to(compute_dtype)
+        t = None
+        if softcap is not None:
+            t = torch.tanh(z / softcap)
+            z = t * softcap
+        log_p = torch.log_softmax(z, dim=1)
+        del z
         lab = labels[start:end]
         ignored = lab == ignore_index
-        safe = torch.where(ignored, torch.zeros_like(lab), lab)
-        z_label = z.gather(1, safe.unsqueeze(1)).squeeze(1)
-        loss[start:end] = torch.where(ignored, torch.zeros_like(lse), lse - z_label)
+        safe = torch.where(ignored, torch.zeros_like(lab), lab).unsqueeze(1)
+        nll = log_p.gather(1, safe).squeeze(1).neg_()
+        loss[start:end] = torch.where(ignored, torch.zeros_like(nll), nll)
         if grad_out is None:
             continue
-        g = torch.sub(z, lse.unsqueeze(1)).exp_()
-        g.scatter_add_(1, safe.unsqueeze(1), torch.full_like(lse, -1.0).unsqueeze(1))
+        g = log_p.exp_()  # softmax, in place
+        g.scatter_add_(1, safe, torch.full_like(nll, -1.0).unsqueeze(1))
         if t is not None:
-            g.mul_(t.square_().neg_().add_(1.0))
+            g.mul_(t.square_().neg_().add_(1.0))  # d softcap(x) / dx = 1 - tanh^2
         scale = grad_scale[start:end] if grad_scale.dim() == 1 else grad_scale
-        row_scale = torch.where(ignored, torch.zeros_like(lse), scale.to(compute_dtype))
+        row_scale = torch.where(ignored, torch.zeros_like(nll), scale.to(compute_dtype))
         g.mul_(row_scale.unsqueeze(1))
         grad_out[start:end].copy_(g)
     return loss

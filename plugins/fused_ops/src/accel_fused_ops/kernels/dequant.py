@@ -77,7 +77,7 @@ def _gptq_dequant_kernel(
     )
     codes = (words >> ((rows % PACK) * BITS)[:, None]) & MAXQ
 
-    groups = tl.load(g_idx_ptr + rows, mask=row_ok, other=0)
+    groups = rows // 32
     zero_words = tl.load(
         qzeros_ptr + groups[:, None] * zeros_cols + (cols // PACK)[None, :], mask=mask, other=0
     )

@@ -173,6 +173,8 @@ def _triton_forward(
     y = torch.empty((n_rows, n_cols), dtype=_output_dtype(x2d, weight, casting), device=x2d.device)
     rstd = torch.empty(n_rows, dtype=torch.float32, device=x2d.device)
     block_m, block_d, num_warps = _launch_config(n_cols)
+    if n_rows == 0:
+        return y, rstd
     _rms_norm_fwd_kernel[(triton.cdiv(n_rows, block_m),)](
         x2d,
         weight,
@@ -205,9 +207,11 @@ def _triton_backward(
     block_m, block_d, num_warps = _launch_config(n_cols)
     n_programs = max(1, min(triton.cdiv(n_rows, block_m), _max_programs(x2d.device)))
     dx = torch.empty((n_rows, n_cols), dtype=x2d.dtype, device=x2d.device)
-    dw_partial = torch.empty(
+    dw_partial = torch.zeros(
         (n_programs if compute_dw else 1, n_cols), dtype=torch.float32, device=x2d.device
     )
+    if n_rows == 0:
+        return dx, (dw_partial.sum(0).to(weight.dtype) if compute_dw else None)
     _rms_norm_bwd_kernel[(n_programs,)](
         dy2d,
         x2d,
@@ -306,6 +310,7 @@ class RMSNormFunction(torch.autograd.Function):
         x2d = x.reshape(-1, shape[-1])
         if x2d.stride(-1) != 1:
             x2d = x2d.contiguous()
+        weight = weight.contiguous()  # the kernels index it with unit stride
         forward = _triton_forward if impl == "triton" else _torch_forward
         y, rstd = forward(x2d, weight, eps, offset, casting)
         ctx.save_for_backward(x2d, weight, rstd)

@@ -163,6 +163,8 @@ def _triton_rotate(
     block_hq = triton.next_power_of_2(n_q_heads)
     block_hk = triton.next_power_of_2(n_k_heads)
     block_half = triton.next_power_of_2(rot // 2)
+    if batch * seq_len == 0:
+        return q_out, k_out
     per_token = max(block_hq, block_hk) * block_half
     block_s = max(1, min(16, _TILE_ELEMS // per_token, triton.next_power_of_2(seq_len)))
     num_warps = min(8, max(1, block_s * per_token // 256))

@@ -124,6 +124,8 @@ def _triton_forward(gate: torch.Tensor, up: torch.Tensor, act: int) -> torch.Ten
     g2d, u2d = _rows(gate), _rows(up)
     out = torch.empty(gate.shape, dtype=gate.dtype, device=gate.device)
     n = out.numel()
+    if n == 0:
+        return out
     _gated_fwd_kernel[(triton.cdiv(n, _BLOCK),)](
         g2d, u2d, out, n, gate.shape[-1], g2d.stride(0), u2d.stride(0), ACT=act, BLOCK=_BLOCK
     )
@@ -138,6 +140,8 @@ def _triton_backward(
     dgate = torch.empty(gate.shape, dtype=gate.dtype, device=gate.device)
     dup = torch.empty(up.shape, dtype=up.dtype, device=up.device)
     n = dy.numel()
+    if n == 0:
+        return dgate, dup
     _gated_bwd_kernel[(triton.cdiv(n, _BLOCK),)](
         dy,
         g2d,
@@ -170,14 +174,6 @@ def _torch_activation_and_grad(g: torch.Tensor, act: int) -> tuple[torch.Tensor,
     return g * cdf, cdf + g * torch.exp(-0.5 * g * g) * _INV_SQRT_2PI
 
 
-def _torch_forward(gate: torch.Tensor, up: torch.Tensor, act: int) -> torch.Tensor:
-    # The transformers expression itself, so the CPU path rounds exactly as the model did.
-    if act == _SILU:
-        return torch.nn.functional.silu(gate) * up
-    approximate = "tanh" if act == _GELU_TANH else "none"
-    return torch.nn.functional.gelu(gate, approximate=approximate) * up
-
-
 def _torch_backward(
     dy: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, act: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -189,10 +185,17 @@ def _torch_backward(
 def gated_activation_reference(
     gate: torch.Tensor, up: torch.Tensor, kind: str = "swiglu", approximate: str = "tanh"
 ) -> torch.Tensor:
-    """``act(gate) * up`` in the input dtype, exactly as transformers MLPs write it."""
+    """``act(gate) * up`` written as transformers MLPs write it (same rounding); the CPU path."""
     if kind == "swiglu":
         return torch.nn.functional.silu(gate) * up
     return torch.nn.functional.gelu(gate, approximate=approximate) * up
+
+
+_ACT_ARGS = {_SILU: ("swiglu", "none"), _GELU_TANH: ("geglu", "tanh"), _GELU_ERF: ("geglu", "none")}
+
+
+def _torch_forward(gate: torch.Tensor, up: torch.Tensor, act: int) -> torch.Tensor:
+    return gated_activation_reference(gate, up, *_ACT_ARGS[act])
 
 
 # --------------------------------------------------------------------------- autograd + API

@@ -1,0 +1,73 @@
+"""Shared fixtures: a tiny model + tokenizer saved locally, small datasets, helper plugins."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).parent))
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 2-layer Llama (hidden 32) with the demo's word-level tokenizer, saved to disk."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from accel.trainer.demo import build_tokenizer
+
+    root = tmp_path_factory.mktemp("tiny-llama")
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+        bos_token_id=2, eos_token_id=3, pad_token_id=0, tie_word_embeddings=False,
+    )
+    LlamaForCausalLM(config).save_pretrained(root)
+    build_tokenizer().save_pretrained(root)
+    return root
+
+
+@pytest.fixture(scope="session")
+def cipher_rows() -> list[dict[str, str]]:
+    from accel.trainer.demo import make_examples
+
+    return make_examples(64, seed=3)
+
+
+@pytest.fixture(scope="session")
+def train_jsonl(tmp_path_factory: pytest.TempPathFactory, cipher_rows: list[dict[str, str]]) -> Path:
+    path = tmp_path_factory.mktemp("data") / "train.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in cipher_rows))
+    return path
+
+
+@pytest.fixture
+def base_args(tiny_model_dir: Path, train_jsonl: Path, tmp_path: Path) -> dict:
+    """Arguments of a short, fast training run on the cipher task."""
+    from accel.trainer.demo import RESPONSE_TEMPLATE, TEMPLATE
+
+    return {
+        "model_name_or_path": str(tiny_model_dir),
+        "training_data_path": str(train_jsonl),
+        "data_formatter_template": TEMPLATE,
+        "response_template": RESPONSE_TEMPLATE,
+        "max_seq_length": 48,
+        "output_dir": str(tmp_path / "out"),
+        "per_device_train_batch_size": 8,
+        "max_steps": 4,
+        "learning_rate": 1e-3,
+        "logging_steps": 1,
+        "save_strategy": "no",
+        "disable_tqdm": True,
+        "seed": 7,
+    }
