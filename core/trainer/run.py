@@ -144,6 +144,8 @@ def run(config: TrainConfig, available: Mapping[str, Any]) -> TrainResult:
     summary = {
         "runtime_s": round(runtime, 2),
         "train_steps": trainer.state.global_step,
+        "processes": args.world_size,
+        "train_tokens": tokens,
         "train_tokens_per_s": round(tokens / runtime, 1) if runtime > 0 else math.nan,
         "dataset_tokens_per_s": round(real_tokens / runtime, 1) if runtime > 0 else math.nan,
         "first_loss": losses[0] if losses else None,

@@ -85,7 +85,9 @@ def _assert_matches(reference, fused, tol):
         assert f.dtype == r.dtype, f"{name}: fused dtype {f.dtype} != PEFT dtype {r.dtype}"
         scale = r.abs().max().item()
         err = (f.float() - r.float()).abs().max().item()
-        assert err <= tol * scale, f"{name} {tuple(r.shape)}: max |diff| {err:.3g} > {tol} * {scale:.3g}"
+        assert err <= tol * scale, (
+            f"{name} {tuple(r.shape)}: max |diff| {err:.3g} > {tol} * {scale:.3g}"
+        )
 
 
 def _compare_with_peft(layer, x_dtype, seed=1234, tol=None):
@@ -230,7 +232,9 @@ def _gptq_linear(in_features, out_features, bits=4, group_size=32, desc_act=True
     "bits, in_features, out_features, group_size, desc_act",
     [(4, 72, 44, 32, True), (4, 72, 40, 32, False), (2, 64, 40, 16, True), (8, 72, 40, 32, True)],
 )
-def test_gptq_triton_dequant_matches_gptqmodel(bits, in_features, out_features, group_size, desc_act):
+def test_gptq_triton_dequant_matches_gptqmodel(
+    bits, in_features, out_features, group_size, desc_act
+):
     layer = _gptq_linear(in_features, out_features, bits, group_size, desc_act)
     reference = layer.dequantize_weight()  # (in, out), fp16 like the scales
     assert reference.shape == (in_features, out_features)
@@ -291,7 +295,9 @@ def test_can_fuse_reasons():
     assert "AlphaDropout" in can_fuse(layer)
 
     torch.manual_seed(0)
-    emb_model = get_peft_model(Block(IN, emb=nn.Embedding(11, IN)), LoraConfig(target_modules=["emb"]))
+    emb_model = get_peft_model(
+        Block(IN, emb=nn.Embedding(11, IN)), LoraConfig(target_modules=["emb"])
+    )
     assert "Embedding is not supported" in can_fuse(emb_model.base_model.model.emb)
 
     torch.manual_seed(0)

@@ -11,16 +11,19 @@ Three sources are understood:
 * ``DenseWeight``: a plain ``nn.Linear`` weight (fp32/bf16/fp16), used as is.
 * ``Bnb4bitWeight``: a bitsandbytes ``Linear4bit`` (NF4/FP4); dequantised with
   ``bitsandbytes.functional.dequantize_4bit``, which is already a fused CUDA kernel on GPU.
-* ``GPTQWeight``: a gptqmodel GPTQ layer (``TorchLinear``, the class of the TORCH backend).
-  The PyTorch path is the layer's own public ``dequantize_weight``. The Triton kernel below
-  decodes 2/4/8-bit int32-packed codes, zero points, scales and ``g_idx`` in one pass, where
-  gptqmodel's training path runs about six full-size elementwise ops with int tensors in
-  between; gptqmodel's own Triton decoder is switched off in training mode, so on a GPU this
-  kernel is what makes GPTQ-LoRA training's per-step dequantisation cheap.
+* ``GPTQWeight``: a gptqmodel GPTQ layer (``TorchLinear`` of the TORCH backend, or
+  ``TritonV2Linear`` of the TRITON backend, which shares its layout). The PyTorch path is the
+  layer's own public ``dequantize_weight``. The Triton kernel below decodes 2/4/8-bit
+  int32-packed codes, zero points, scales and ``g_idx`` in one pass with fp32 arithmetic,
+  where gptqmodel's training path runs half a dozen full-size elementwise ops with int
+  intermediates (gptqmodel's own Triton decoder is off in training mode; it wraps the torch
+  code in ``torch.compile`` instead, whose compile time and per-shape recompiles this kernel
+  does not have).
 
 ``frozen_weight(layer)`` picks the right class; ``unsupported_reason(layer)`` says in words why
-a layer cannot be handled. bitsandbytes and gptqmodel are never imported here: a layer can only
-be one of their classes if its library is already imported, so ``sys.modules`` is consulted.
+a layer cannot be handled. This module never triggers the import of bitsandbytes or gptqmodel
+(seconds each): a layer can only be one of their classes if its library is already loaded, so
+``sys.modules`` is consulted.
 """
 
 from __future__ import annotations
@@ -77,7 +80,7 @@ def _gptq_dequant_kernel(
     )
     codes = (words >> ((rows % PACK) * BITS)[:, None]) & MAXQ
 
-    groups = rows // 32
+    groups = tl.load(g_idx_ptr + rows, mask=row_ok, other=0)
     zero_words = tl.load(
         qzeros_ptr + groups[:, None] * zeros_cols + (cols // PACK)[None, :], mask=mask, other=0
     )
@@ -208,7 +211,7 @@ class Bnb4bitWeight(FrozenWeight):
         from bitsandbytes.functional import dequantize_4bit
 
         weight = self.layer.weight
-        state = weight.quant_state
+        state = _bnb_quant_state(self.layer)
         if getattr(state, "packing_format_for_cpu", False):
             raise RuntimeError(_BNB_PACKED_REASON)
         return dequantize_4bit(weight.data, state).to(dtype)
@@ -254,6 +257,13 @@ _BNB_PACKED_REASON = (
 )
 
 
+def _bnb_quant_state(layer: nn.Module):
+    """The weight's quant_state, or the copy Linear4bit keeps on the module for when the
+    parameter was re-created without it (FSDP does that)."""
+    state = getattr(layer.weight, "quant_state", None)
+    return state if state is not None else getattr(layer, "quant_state", None)
+
+
 def _bnb_linear4bit_class() -> type | None:
     if "bitsandbytes" not in sys.modules:
         return None
@@ -288,7 +298,7 @@ def unsupported_reason(layer: nn.Module) -> str | None:
     kind = type(layer).__name__
     bnb_cls = _bnb_linear4bit_class()
     if bnb_cls is not None and isinstance(layer, bnb_cls):
-        state = getattr(layer.weight, "quant_state", None)
+        state = _bnb_quant_state(layer)
         if state is None:
             return "the bitsandbytes Linear4bit weight is not quantised yet (no quant_state)"
         if getattr(state, "packing_format_for_cpu", False):
@@ -319,9 +329,12 @@ def unsupported_reason(layer: nn.Module) -> str | None:
     )
 
 
-def frozen_weight(layer: nn.Module) -> FrozenWeight:
-    """Wrap a supported base layer; raises ValueError naming the problem otherwise."""
-    reason = unsupported_reason(layer)
+def frozen_weight(layer: nn.Module, checked: bool = False) -> FrozenWeight:
+    """Wrap a supported base layer; raises ValueError naming the problem otherwise.
+
+    ``checked=True`` skips ``unsupported_reason`` for a caller that has just run it.
+    """
+    reason = None if checked else unsupported_reason(layer)
     if reason is not None:
         raise ValueError(f"cannot fuse LoRA over this base layer: {reason}")
     bnb_cls = _bnb_linear4bit_class()

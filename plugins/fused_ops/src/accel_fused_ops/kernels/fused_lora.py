@@ -13,9 +13,9 @@ its frozen bias, ``A``/``B`` the trainable LoRA factors. Why one Function:
   when dropout is active, the boolean dropout mask (1 byte per element). Saving
   ``dropout(x)`` instead would cost a full-size copy of ``x`` in its dtype, and still would
   not give the mask where ``x == 0``, which the input gradient needs.
-* ``scaling`` is folded into the small ``N x r`` tensors, not the ``N x out`` output, and the
-  LoRA term is added into the base output by ``addmm`` (no extra ``N x out`` temporary when
-  dtypes agree).
+* The LoRA term is added into the base output by ``addmm`` with ``scaling`` as its ``alpha``
+  (no extra ``N x out`` temporary when dtypes agree); in backward ``scaling`` and the dropout
+  scale are folded into the small ``N x r`` gradient before the full-size products.
 
 The matmuls are torch (cuBLAS on GPU); the Triton part is the GPTQ dequantisation in
 ``dequant``. Inputs of any rank are flattened to ``(N, in)``.
@@ -351,11 +351,16 @@ def lora_projection(lora_module: nn.Module) -> LoraProjection:
     reason = can_fuse(lora_module)
     if reason is not None:
         raise ValueError(f"cannot fuse {type(lora_module).__name__}: {reason}")
+    return _projection(lora_module)
+
+
+def _projection(lora_module: nn.Module) -> LoraProjection:
+    """``lora_projection`` for a layer ``can_fuse`` has just accepted (no second check)."""
     name, _ = _active_adapter(lora_module)
     dropout = lora_module.lora_dropout[name]
     p = dropout.p if isinstance(dropout, nn.Dropout) and dropout.training else 0.0
     return LoraProjection(
-        base=frozen_weight(lora_module.get_base_layer()),
+        base=frozen_weight(lora_module.get_base_layer(), checked=True),
         lora_A=lora_module.lora_A[name].weight,
         lora_B=lora_module.lora_B[name].weight,
         scaling=lora_module.scaling[name],
@@ -372,7 +377,7 @@ def fused_lora_forward(lora_module: nn.Module, x: torch.Tensor, *args, **kwargs)
     """
     if args or kwargs or can_fuse(lora_module) is not None:
         return type(lora_module).forward(lora_module, x, *args, **kwargs)
-    (y,) = fused_lora_multi(x, [lora_projection(lora_module)])
+    (y,) = fused_lora_multi(x, [_projection(lora_module)])
     return y
 
 
@@ -381,11 +386,12 @@ def fused_lora_qkv_forward(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """q, k and v projections of the same hidden states ``x`` in one autograd Function.
 
-    One saved ``x`` instead of three, and one input gradient summed inside backward. Each
-    module that is not fusable right now (see ``can_fuse``) runs unfused instead.
+    One saved ``x`` instead of three, and one input gradient summed inside backward. When any
+    of the three is not fusable right now (see ``can_fuse``), each runs through
+    ``fused_lora_forward`` on its own instead, which fuses the ones it can.
     """
     modules = (q_proj, k_proj, v_proj)
     if any(can_fuse(m) is not None for m in modules):
         return tuple(fused_lora_forward(m, x) for m in modules)
-    q, k, v = fused_lora_multi(x, [lora_projection(m) for m in modules])
+    q, k, v = fused_lora_multi(x, [_projection(m) for m in modules])
     return q, k, v

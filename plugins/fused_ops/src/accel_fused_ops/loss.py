@@ -1,0 +1,214 @@
+"""Causal-LM loss through the model's ``loss_function`` extension point.
+
+transformers' causal-LM classes end with ``logits = lm_head(hidden)`` (maybe followed by a
+scaling or a soft-cap) and ``loss = self.loss_function(logits, labels, vocab_size, **kw)``;
+``loss_function`` reads the instance attribute ``_loss_function`` first, so a per-model loss
+needs no copied forward.
+
+* ``cross_entropy`` mode: the loss function shifts the labels as ``ForCausalLMLoss`` does and
+  calls the cross-entropy kernel on the logits.
+* ``fused_linear`` mode: the logits of a training forward are never built. A wrapper around
+  the causal-LM module's forward marks a *training forward with labels* (module in training
+  mode, autograd on, ``labels`` given); during it the lm_head returns its input hidden states
+  instead of logits and the loss function computes the fused linear cross-entropy of those
+  hidden states with the lm_head (its weight for a plain ``nn.Linear``, tied or not; the
+  module itself, chunk by chunk, for a LoRA-wrapped or otherwise wrapped head). What the
+  model does between head and loss is handled per class (``support.CAUSAL_LM_HEADS``):
+  Granite's division by ``logits_scaling`` is linear and commutes with a bias-free head;
+  Gemma's final soft-cap is switched off in the model for that forward and applied inside
+  the kernel instead. MoE models add their aux loss to the returned loss as before. The
+  output's ``logits`` is ``None`` for such a forward; every other forward (eval, generation,
+  no labels) is untouched and returns real logits, with the loss from the CE kernel.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .kernels.cross_entropy import cross_entropy
+from .kernels.linear_cross_entropy import (
+    fused_linear_cross_entropy,
+    fused_linear_cross_entropy_module,
+)
+
+Revert = Callable[[], None]
+
+
+def shifted_labels(
+    labels: torch.Tensor, ignore_index: int, shift_labels: torch.Tensor | None
+) -> torch.Tensor:
+    """Next-token targets, flattened, exactly as ``ForCausalLMLoss`` builds them."""
+    if shift_labels is None:
+        padded = F.pad(labels, (0, 1), value=ignore_index)
+        shift_labels = padded[..., 1:]
+    return shift_labels.reshape(-1)
+
+
+def cross_entropy_loss(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    vocab_size: int,
+    num_items_in_batch: torch.Tensor | int | None = None,
+    ignore_index: int = -100,
+    shift_labels: torch.Tensor | None = None,
+    **kwargs: Any,
+) -> torch.Tensor:
+    """Drop-in for transformers' ``ForCausalLMLoss`` computed by the cross-entropy kernel."""
+    target = shifted_labels(labels, ignore_index, shift_labels).to(logits.device)
+    return cross_entropy(
+        logits.reshape(-1, vocab_size),
+        target,
+        ignore_index=ignore_index,
+        num_items_in_batch=num_items_in_batch,
+    )
+
+
+@dataclass
+class _ForwardState:
+    """Per model: whether the current forward is a fused one, and the soft-cap to apply."""
+
+    active: bool = False
+    softcap: float | None = None
+
+
+class _HeadProjection:
+    """The lm_head's own computation, callable on a chunk of hidden states (module variant)."""
+
+    def __init__(self, forward: Callable[[torch.Tensor], torch.Tensor], out_features: int):
+        self.forward = forward
+        self.out_features = out_features
+
+    def __call__(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.forward(hidden)
+
+
+def head_bias(head: nn.Module) -> torch.Tensor | None:
+    """The bias of the head's base linear layer (PEFT wrappers keep it on the base layer)."""
+    base = head.get_base_layer() if hasattr(head, "get_base_layer") else head
+    return getattr(base, "bias", None)
+
+
+def head_out_features(head: nn.Module, model: nn.Module) -> int:
+    base = head.get_base_layer() if hasattr(head, "get_base_layer") else head
+    out = getattr(base, "out_features", None)
+    if isinstance(out, int):
+        return out
+    return int(model.config.get_text_config().vocab_size)
+
+
+def _labels_position(forward: Callable[..., Any]) -> int | None:
+    """Index of ``labels`` among the positional parameters of a bound forward."""
+    params = list(inspect.signature(forward).parameters.values())
+    for i, p in enumerate(params):
+        if p.name == "labels":
+            ok = p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
+            return i if ok else None
+    return None
+
+
+def _without_logits(output: Any) -> Any:
+    """The model output with ``logits`` removed (they were hidden states, not logits)."""
+    if isinstance(output, tuple):
+        return (output[0], None, *output[2:])
+    if isinstance(output, dict) and "logits" in output:
+        kept = {k: v for k, v in output.items() if k != "logits"}
+        return type(output)(**kept)
+    return output
+
+
+def install_fused_linear_loss(model: nn.Module, head_kind: str) -> Revert:
+    """Patch one causal-LM module for the fused linear cross-entropy; return the revert.
+
+    ``head_kind`` is the class's entry of ``support.CAUSAL_LM_HEADS``. Patches three things
+    on instances only: the model's forward (wrapper), the lm_head's forward (pass-through
+    during a fused forward) and the model's ``_loss_function``.
+    """
+    from accel.patching import set_attribute
+
+    head = model.get_output_embeddings()
+    state = _ForwardState()
+    head_forward = head.forward  # instance or class forward, e.g. the fused LoRA one
+    plain = type(head) is nn.Linear
+    projection = _HeadProjection(head_forward, head_out_features(head, model))
+
+    def lm_head_forward(hidden: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        if state.active:
+            return hidden
+        return head_forward(hidden, *args, **kwargs)
+
+    def loss_function(
+        logits: torch.Tensor,
+        labels: torch.Tensor,
+        vocab_size: int,
+        num_items_in_batch: torch.Tensor | int | None = None,
+        ignore_index: int = -100,
+        shift_labels: torch.Tensor | None = None,
+        **kwargs: Any,
+    ) -> torch.Tensor:
+        if not state.active:
+            return cross_entropy_loss(
+                logits, labels, vocab_size, num_items_in_batch, ignore_index, shift_labels
+            )
+        hidden = logits.reshape(-1, logits.shape[-1])  # the lm_head input, not logits
+        target = shifted_labels(labels, ignore_index, shift_labels).to(hidden.device)
+        options = {
+            "ignore_index": ignore_index,
+            "num_items_in_batch": num_items_in_batch,
+            "softcap": state.softcap,
+        }
+        if plain:
+            return fused_linear_cross_entropy(hidden, head.weight, target, head.bias, **options)
+        params = [p for p in head.parameters() if p.requires_grad]
+        return fused_linear_cross_entropy_module(
+            hidden, projection, target, params=params, **options
+        )
+
+    model_forward = model.forward
+    labels_at = _labels_position(model_forward)
+    config = model.config
+
+    @functools.wraps(model_forward)
+    def forward(*args: Any, **kwargs: Any) -> Any:
+        labels = kwargs.get("labels")
+        if labels is None and labels_at is not None and len(args) > labels_at:
+            labels = args[labels_at]
+        if state.active or labels is None or not model.training or not torch.is_grad_enabled():
+            return model_forward(*args, **kwargs)
+        cap = config.final_logit_softcapping if head_kind == "softcap" else None
+        state.active, state.softcap = True, cap
+        if cap is not None:
+            config.final_logit_softcapping = None  # applied inside the kernel instead
+        try:
+            output = model_forward(*args, **kwargs)
+        finally:
+            state.active, state.softcap = False, None
+            if cap is not None:
+                config.final_logit_softcapping = cap
+        return _without_logits(output)
+
+    reverts = [
+        set_attribute(model, "_loss_function", loss_function),
+        set_attribute(head, "forward", lm_head_forward),
+        set_attribute(model, "forward", forward),
+    ]
+
+    def revert() -> None:
+        while reverts:
+            reverts.pop()()
+
+    return revert
+
+
+def install_cross_entropy_loss(model: nn.Module) -> Revert:
+    """Set the model's ``_loss_function`` to the cross-entropy kernel version."""
+    from accel.patching import set_attribute
+
+    return set_attribute(model, "_loss_function", cross_entropy_loss)

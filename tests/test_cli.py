@@ -1,0 +1,104 @@
+"""The `accel` command line, run as a user would (subprocesses)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from accel.registry import discover_plugins
+
+
+def accel(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "accel.cli", *args], capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def test_help_is_lazy_and_lists_commands():
+    code = ("import sys\nfrom accel.cli.main import main\ntry:\n    main(['--help'])\n"
+            "except SystemExit:\n    pass\n"
+            "heavy = [m for m in ('torch', 'transformers', 'peft', 'datasets') if m in sys.modules]; "
+            "print('HEAVY', heavy)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert "HEAVY []" in out.stdout
+    for command in ("plugins", "install", "configs", "arguments", "train"):
+        assert command in out.stdout
+
+
+def test_plugins_lists_installed_and_installable():
+    out = accel("plugins", "--json")
+    assert out.returncode == 0, out.stderr
+    data = json.loads(out.stdout)
+    installed = {row["name"] for row in data["installed"]}
+    assert installed == set(discover_plugins())
+    missing = {row["package"] for row in data["not_installed"]}
+    assert "accel-moe" in missing
+    row = next(r for r in data["not_installed"] if r["package"] == "accel-moe")
+    assert row["install"] == "python -m accel.cli install moe" and "--fast_moe" in row["flags"]
+    text = accel("plugins").stdout
+    assert "Installed plugins:" in text and "Available, not installed:" in text
+
+
+def test_install_unknown_plugin_is_a_clear_error():
+    out = accel("install", "fused_opz")
+    assert out.returncode == 2
+    assert "unknown plugin 'fused_opz'" in out.stderr and "Did you mean 'fused_ops'" in out.stderr
+    assert "Traceback" not in out.stderr
+
+
+def test_install_dry_run_uses_checkout_and_constraints():
+    out = accel("install", "fused-ops", "--dry-run")
+    assert out.returncode == 0, out.stderr
+    assert "plugins/fused_ops" in out.stdout and "constraints.txt" in out.stdout
+    assert "pip install" in out.stdout
+
+
+def test_install_plugin_not_in_checkout():
+    out = accel("install", "moe", "--dry-run")
+    assert out.returncode == 2 and "not in this checkout" in out.stderr
+
+
+def test_configs_and_arguments():
+    out = accel("configs")
+    assert out.returncode == 0 and "fast-kernels" in out.stdout and "padding-free" in out.stdout
+    if "fused_ops" not in discover_plugins():
+        pytest.skip("fused_ops plugin not installed")
+    out = accel("arguments", "fast-kernels")
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split("\n")[0] == "--fast_kernels True True True False"
+    out = accel("arguments", "fused-lora-gptq")
+    flags = out.stdout.split("\n")[0]
+    assert "--fused_lora auto_gptq True" in flags and "--fast_kernels True True True False" in flags
+
+
+def test_arguments_unknown_sample():
+    out = accel("arguments", "fast-kernel")
+    assert out.returncode == 2 and "Did you mean 'fast-kernels'" in out.stderr
+
+
+def test_train_user_errors_exit_nonzero_without_traceback(tmp_path):
+    out = accel("train", "--model_name_or_path", "x", "--training_data_path", "y", "--fast_moe", "2")
+    assert out.returncode == 2
+    assert "python -m accel.cli install moe" in out.stderr and "Traceback" not in out.stderr
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("plugins:\n  training:\n    fused_ops_and_kernel: {}\n")
+    out = accel("train", "--model_name_or_path", "x", "--training_data_path", "y",
+                "--acceleration_config", str(bad))
+    assert out.returncode == 2 and "Did you mean 'fused_ops_and_kernels'" in out.stderr
+
+
+def test_train_help():
+    out = accel("train", "--help")
+    assert out.returncode == 0
+    assert "--model_name_or_path" in out.stdout and "--fast_kernels" in out.stdout
+    assert "--padding_free" in out.stdout  # listed even when its plugin is missing
+
+
+def test_train_config_file_argument(base_args, tmp_path):
+    path = tmp_path / "run.json"
+    path.write_text(json.dumps({**base_args, "max_steps": 2}))
+    out = accel("train", str(path))
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "accel training summary" in out.stdout and "final_loss" in out.stdout
