@@ -12,9 +12,9 @@ LoRA layers that are not linear (``Embedding``, ``Conv*``) are outside this feat
 from __future__ import annotations
 
 from collections import Counter
-from torch import nn
 
 from accel import PatchError
+from torch import nn
 
 BASE_LAYERS = ("plain", "bitsandbytes", "auto_gptq")
 

@@ -9,6 +9,7 @@ from typing import Any
 from accel import AccelerationPlugin, Flag, PatchRule
 
 from .config import FusedOpsConfig
+from .support import ALL_MODEL_TYPES
 
 TRAINING_PATH = "training.fused_ops_and_kernels"
 PEFT_PATH = "peft.quantization.fused_ops_and_kernels"
@@ -35,6 +36,8 @@ class FusedOpsPlugin(AccelerationPlugin):
     )
     # peft's quantization plugins (when installed) must put the adapters in place first
     after = ("auto_gptq", "bitsandbytes")
+    #: the union over features; each feature checks its own list (``support.FEATURES``)
+    model_types = ALL_MODEL_TYPES
 
     def __init__(self, configs: dict[str, FusedOpsConfig]) -> None:
         super().__init__(configs)
@@ -45,3 +48,17 @@ class FusedOpsPlugin(AccelerationPlugin):
         from .rules import build_rules
 
         return build_rules(self.settings, model)
+
+    def report_lines(self) -> Sequence[str]:
+        from .rules import requested_features
+
+        features = requested_features(self.settings)
+        lines = [f"features: {', '.join(features) if features else '(none)'}"]
+        if "fast_loss" in features:
+            lines.append(f"loss: {self.settings.loss_mode}")
+        if "fast_rope_embeddings" in features:
+            lines.append(
+                "rope: apply_rotary_pos_emb is replaced in the modeling file, so every model of "
+                "that architecture in this process uses it until the patch is reverted"
+            )
+        return lines
