@@ -53,13 +53,22 @@ def plugin_section(info: PluginInfo) -> list[str]:
 
 
 def trainer_section() -> list[str]:
-    from .trainer.arguments import AccelerationArguments, DataArguments, ModelArguments, TuningArguments
+    from .trainer.arguments import (
+        AccelerationArguments,
+        DataArguments,
+        ModelArguments,
+        TuningArguments,
+    )
 
-    lines = ["## Trainer arguments", "",
-             "Every `transformers.TrainingArguments` field is accepted too (`num_train_epochs`, "
-             "`learning_rate`, `gradient_checkpointing`, `save_strategy`, ...), plus "
-             "`save_model_dir`; `resume_from_checkpoint` unset resumes from the newest complete "
-             "checkpoint in `output_dir`, `False` starts fresh, a path picks one.", ""]
+    lines = [
+        "## Trainer arguments",
+        "",
+        "Every `transformers.TrainingArguments` field is accepted too (`num_train_epochs`, "
+        "`learning_rate`, `gradient_checkpointing`, `save_strategy`, ...), plus "
+        "`save_model_dir`; `resume_from_checkpoint` unset resumes from the newest complete "
+        "checkpoint in `output_dir`, `False` starts fresh, a path picks one.",
+        "",
+    ]
     for cls in (ModelArguments, DataArguments, TuningArguments, AccelerationArguments):
         lines += [f"### {cls.__name__}", "", *schema_table(cls), ""]
     return lines

@@ -21,16 +21,23 @@ sys.path.insert(0, str(Path(__file__).parent))
 def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A 2-layer Llama (hidden 32) with the demo's word-level tokenizer, saved to disk."""
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     from accel.trainer.demo import build_tokenizer
+    from transformers import LlamaConfig, LlamaForCausalLM
 
     root = tmp_path_factory.mktemp("tiny-llama")
     torch.manual_seed(0)
     config = LlamaConfig(
-        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-        bos_token_id=2, eos_token_id=3, pad_token_id=0, tie_word_embeddings=False,
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        bos_token_id=2,
+        eos_token_id=3,
+        pad_token_id=0,
+        tie_word_embeddings=False,
     )
     LlamaForCausalLM(config).save_pretrained(root)
     build_tokenizer().save_pretrained(root)
@@ -45,7 +52,9 @@ def cipher_rows() -> list[dict[str, str]]:
 
 
 @pytest.fixture(scope="session")
-def train_jsonl(tmp_path_factory: pytest.TempPathFactory, cipher_rows: list[dict[str, str]]) -> Path:
+def train_jsonl(
+    tmp_path_factory: pytest.TempPathFactory, cipher_rows: list[dict[str, str]]
+) -> Path:
     path = tmp_path_factory.mktemp("data") / "train.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in cipher_rows))
     return path

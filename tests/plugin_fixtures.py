@@ -25,10 +25,18 @@ class LoraKernelConfig:
 class KernelsPlugin(AccelerationPlugin):
     name = "kernels"
     config_paths = ("training.kernels", "peft.quantization.kernels")
-    config_schema = {"training.kernels": KernelsConfig, "peft.quantization.kernels": LoraKernelConfig}
+    config_schema = {
+        "training.kernels": KernelsConfig,
+        "peft.quantization.kernels": LoraKernelConfig,
+    }
     flags = (
         Flag("kernels", "training.kernels", "loss rms", fields=("fast_loss", "fast_rms_layernorm")),
-        Flag("lora_kernels", "peft.quantization.kernels", "base fused", fields=("base_layer", "fused_lora")),
+        Flag(
+            "lora_kernels",
+            "peft.quantization.kernels",
+            "base fused",
+            fields=("base_layer", "fused_lora"),
+        ),
     )
     model_types = ("llama", "mistral")
 

@@ -7,20 +7,22 @@ import subprocess
 import sys
 
 import pytest
-
 from accel.registry import discover_plugins
 
 
 def accel(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "accel.cli", *args], capture_output=True,
-                          text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "accel.cli", *args], capture_output=True, text=True, timeout=timeout
+    )
 
 
 def test_help_is_lazy_and_lists_commands():
-    code = ("import sys\nfrom accel.cli.main import main\ntry:\n    main(['--help'])\n"
-            "except SystemExit:\n    pass\n"
-            "heavy = [m for m in ('torch', 'transformers', 'peft', 'datasets') if m in sys.modules]; "
-            "print('HEAVY', heavy)")
+    code = (
+        "import sys\nfrom accel.cli.main import main\ntry:\n    main(['--help'])\n"
+        "except SystemExit:\n    pass\n"
+        "heavy = [m for m in ('torch', 'transformers', 'peft', 'datasets') if m in sys.modules]; "
+        "print('HEAVY', heavy)"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert "HEAVY []" in out.stdout
     for command in ("plugins", "install", "configs", "arguments", "train"):
@@ -79,13 +81,22 @@ def test_arguments_unknown_sample():
 
 
 def test_train_user_errors_exit_nonzero_without_traceback(tmp_path):
-    out = accel("train", "--model_name_or_path", "x", "--training_data_path", "y", "--fast_moe", "2")
+    out = accel(
+        "train", "--model_name_or_path", "x", "--training_data_path", "y", "--fast_moe", "2"
+    )
     assert out.returncode == 2
     assert "python -m accel.cli install moe" in out.stderr and "Traceback" not in out.stderr
     bad = tmp_path / "bad.yaml"
     bad.write_text("plugins:\n  training:\n    fused_ops_and_kernel: {}\n")
-    out = accel("train", "--model_name_or_path", "x", "--training_data_path", "y",
-                "--acceleration_config", str(bad))
+    out = accel(
+        "train",
+        "--model_name_or_path",
+        "x",
+        "--training_data_path",
+        "y",
+        "--acceleration_config",
+        str(bad),
+    )
     assert out.returncode == 2 and "Did you mean 'fused_ops_and_kernels'" in out.stderr
 
 

@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import pytest
-from plugin_fixtures import KernelsPlugin, infos
-
 from accel import AccelerationFramework, ConfigError, PluginNotInstalledError
 from accel.flags import sections_from_flags
+from plugin_fixtures import KernelsPlugin, infos
 
 
 def framework(config=None, sections=None):
@@ -15,7 +14,9 @@ def framework(config=None, sections=None):
 
 def test_yaml_file_activates_plugin_with_typed_config(tmp_path):
     path = tmp_path / "accel.yaml"
-    path.write_text("plugins:\n  training:\n    kernels:\n      fast_loss: true\n      mode: triton\n")
+    path.write_text(
+        "plugins:\n  training:\n    kernels:\n      fast_loss: true\n      mode: triton\n"
+    )
     fw = framework(path)
     assert fw.names == ["kernels"]
     cfg = fw.plugins[0].config("training.kernels")
@@ -33,7 +34,9 @@ def test_unknown_option_names_path_lists_keys_and_suggests():
 def test_unknown_path_segment_suggests_closest():
     with pytest.raises(ConfigError) as err:
         framework({"plugins": {"trainig": {"kernels": {}}}})
-    assert "unknown key 'trainig'" in str(err.value) and "Did you mean 'training'?" in str(err.value)
+    assert "unknown key 'trainig'" in str(err.value) and "Did you mean 'training'?" in str(
+        err.value
+    )
 
 
 def test_bad_value_type_and_literal():

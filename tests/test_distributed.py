@@ -11,23 +11,40 @@ from pathlib import Path
 
 def torchrun(args_file: Path, nproc: int = 2) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
-           "--master_port", "29533", "-m", "accel.cli", "train", str(args_file)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        str(nproc),
+        "--master_port",
+        "29533",
+        "-m",
+        "accel.cli",
+        "train",
+        str(args_file),
+    ]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
 
 
 def test_two_process_ddp_training(base_args, tmp_path):
     out_dir = tmp_path / "ddp"
-    args = {**base_args, "output_dir": str(out_dir), "max_steps": 3, "per_device_train_batch_size": 4,
-            "save_model_dir": str(tmp_path / "model"), "ddp_backend": "gloo"}
+    args = {
+        **base_args,
+        "output_dir": str(out_dir),
+        "max_steps": 3,
+        "per_device_train_batch_size": 4,
+        "save_model_dir": str(tmp_path / "model"),
+        "ddp_backend": "gloo",
+    }
     path = tmp_path / "args.json"
     path.write_text(json.dumps(args))
     done = torchrun(path)
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.count("accel training summary") == 1  # printed by rank 0 only
     summary = {
-        k.strip(): v.strip() for k, v in
-        (line.split(" : ", 1) for line in done.stdout.splitlines() if " : " in line)
+        k.strip(): v.strip()
+        for k, v in (line.split(" : ", 1) for line in done.stdout.splitlines() if " : " in line)
     }
     assert summary["processes"] == "2"
     assert summary["train_steps"] == "3"

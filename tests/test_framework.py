@@ -3,6 +3,13 @@
 from __future__ import annotations
 
 import pytest
+from accel import (
+    AccelerationFramework,
+    AccelerationPlugin,
+    PluginConflictError,
+    PluginRequirementError,
+    UnsupportedModelError,
+)
 from plugin_fixtures import (
     Conflicting,
     FutureCore,
@@ -15,16 +22,16 @@ from plugin_fixtures import (
     infos,
 )
 
-from accel import (
-    AccelerationFramework,
-    AccelerationPlugin,
-    PluginConflictError,
-    PluginRequirementError,
-    UnsupportedModelError,
+ALL = infos(
+    KernelsPlugin,
+    LoaderPlugin,
+    OtherLoaderPlugin,
+    NeedsKernels,
+    NeedsGhost,
+    Conflicting,
+    FutureCore,
+    NeedsPackage,
 )
-
-ALL = infos(KernelsPlugin, LoaderPlugin, OtherLoaderPlugin, NeedsKernels, NeedsGhost, Conflicting,
-            FutureCore, NeedsPackage)
 
 
 def cfg(*paths: str) -> dict:
@@ -43,7 +50,9 @@ def test_empty_config_activates_nothing():
 
 
 def test_two_model_loaders_conflict_before_anything_runs():
-    with pytest.raises(PluginConflictError, match="'loader' and 'other_loader' both implement 'load_model'"):
+    with pytest.raises(
+        PluginConflictError, match="'loader' and 'other_loader' both implement 'load_model'"
+    ):
         AccelerationFramework(
             cfg("peft.quantization.loader", "peft.quantization.other_loader"), available=ALL
         )
@@ -69,22 +78,30 @@ def test_required_plugin_ordering():
 
 
 def test_required_plugin_absent():
-    with pytest.raises(PluginRequirementError, match="requires plugin 'ghost', which is not installed"):
+    with pytest.raises(
+        PluginRequirementError, match="requires plugin 'ghost', which is not installed"
+    ):
         AccelerationFramework(cfg("training.needs_ghost"), available=ALL)
 
 
 def test_declared_conflict():
-    with pytest.raises(PluginConflictError, match="'conflicting' and 'kernels' cannot be active together"):
+    with pytest.raises(
+        PluginConflictError, match="'conflicting' and 'kernels' cannot be active together"
+    ):
         AccelerationFramework(cfg("training.conflicting", "training.kernels"), available=ALL)
 
 
 def test_core_version_range_excludes_this_core():
-    with pytest.raises(PluginRequirementError, match=r"works with accel >=9.0, but this is accel 0\.1"):
+    with pytest.raises(
+        PluginRequirementError, match=r"works with accel >=9.0, but this is accel 0\.1"
+    ):
         AccelerationFramework(cfg("training.future_core"), available=ALL)
 
 
 def test_missing_required_package_names_pip_command():
-    with pytest.raises(PluginRequirementError, match="pip install 'surely-not-an-installed-package>=1.0'"):
+    with pytest.raises(
+        PluginRequirementError, match="pip install 'surely-not-an-installed-package>=1.0'"
+    ):
         AccelerationFramework(cfg("training.needs_package"), available=ALL)
 
 
@@ -93,7 +110,9 @@ def test_unsupported_architecture():
 
     fw = AccelerationFramework(cfg("training.kernels"), available=ALL)
     fw.check_model(LlamaConfig())
-    with pytest.raises(UnsupportedModelError, match="'kernels' does not support model_type 'gpt_bigcode'"):
+    with pytest.raises(
+        UnsupportedModelError, match="'kernels' does not support model_type 'gpt_bigcode'"
+    ):
         fw.check_model(GPTBigCodeConfig())
 
 
@@ -132,7 +151,9 @@ def test_before_and_after_order_chained_hooks():
             calls.append(self.name)
             return model + ["second"], None
 
-    fw = AccelerationFramework(cfg("training.first", "training.second"), available=infos(First, Second))
+    fw = AccelerationFramework(
+        cfg("training.first", "training.second"), available=infos(First, Second)
+    )
     model, peft_config = fw.augment_model([], None, "lora")
     assert model == ["first", "second"] and peft_config is None
     assert calls == ["zz_first", "aa_second"]

@@ -4,19 +4,24 @@ from __future__ import annotations
 
 import pytest
 import torch
-from plugin_fixtures import infos
-from transformers import GPTBigCodeConfig, GPTBigCodeForCausalLM, LlamaConfig, LlamaForCausalLM
-
 from accel import AccelerationFramework, AccelerationPlugin, PatchError, PatchRule, apply_patches
 from accel.patching import set_attribute
+from plugin_fixtures import infos
+from transformers import GPTBigCodeConfig, GPTBigCodeForCausalLM, LlamaConfig, LlamaForCausalLM
 
 
 def tiny_llama() -> LlamaForCausalLM:
     torch.manual_seed(0)
-    return LlamaForCausalLM(LlamaConfig(
-        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2,
-    ))
+    return LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=64,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+        )
+    )
 
 
 def doubled_norm(module):
@@ -28,7 +33,9 @@ def test_forward_rule_counts_and_reverts():
     model = tiny_llama()
     ids = torch.tensor([[1, 2, 3]])
     before = model(ids).logits
-    rule = PatchRule("double_norm", "doubling", module_classes=("LlamaRMSNorm",), forward=doubled_norm)
+    rule = PatchRule(
+        "double_norm", "doubling", module_classes=("LlamaRMSNorm",), forward=doubled_norm
+    )
     applied = apply_patches(model, [rule])
     assert applied.counts == {"double_norm": 5}  # 2 layers x 2 norms + final norm
     assert not torch.allclose(model(ids).logits, before)
@@ -42,10 +49,19 @@ def test_replace_and_apply_rules_revert():
     model = tiny_llama()
     old_mlp = model.model.layers[0].mlp
     rules = [
-        PatchRule("identity_mlp", "swap", module_classes=("LlamaMLP",),
-                  match=lambda m: m is old_mlp, replace=lambda m: torch.nn.Identity()),
-        PatchRule("loss", "loss", module_classes=("LlamaForCausalLM",),
-                  apply=lambda m: set_attribute(m, "_loss_function", lambda *a, **k: torch.tensor(0.0))),
+        PatchRule(
+            "identity_mlp",
+            "swap",
+            module_classes=("LlamaMLP",),
+            match=lambda m: m is old_mlp,
+            replace=lambda m: torch.nn.Identity(),
+        ),
+        PatchRule(
+            "loss",
+            "loss",
+            module_classes=("LlamaForCausalLM",),
+            apply=lambda m: set_attribute(m, "_loss_function", lambda *a, **k: torch.tensor(0.0)),
+        ),
     ]
     applied = apply_patches(model, rules)
     assert applied.counts == {"identity_mlp": 1, "loss": 1}
@@ -59,7 +75,9 @@ def test_replace_and_apply_rules_revert():
 
 def test_feature_that_patches_nothing_is_an_error_naming_model_and_feature():
     model = GPTBigCodeForCausalLM(GPTBigCodeConfig(n_embd=32, n_layer=1, n_head=4, vocab_size=64))
-    rule = PatchRule("rms", "fast_rms_layernorm", module_classes=("LlamaRMSNorm",), forward=doubled_norm)
+    rule = PatchRule(
+        "rms", "fast_rms_layernorm", module_classes=("LlamaRMSNorm",), forward=doubled_norm
+    )
     with pytest.raises(PatchError) as err:
         apply_patches(model, [rule])
     assert "fast_rms_layernorm" in str(err.value)
@@ -68,7 +86,9 @@ def test_feature_that_patches_nothing_is_an_error_naming_model_and_feature():
 
 def test_model_type_filter():
     model = tiny_llama()
-    rule = PatchRule("rms", "f", module_classes=("LlamaRMSNorm",), model_types=("mistral",), forward=doubled_norm)
+    rule = PatchRule(
+        "rms", "f", module_classes=("LlamaRMSNorm",), model_types=("mistral",), forward=doubled_norm
+    )
     with pytest.raises(PatchError):
         apply_patches(model, [rule])
 
@@ -92,7 +112,9 @@ class DoubleNormPlugin(AccelerationPlugin):
 
 def test_two_frameworks_patch_their_own_models_only():
     available = infos(DoubleNormPlugin)
-    patched = AccelerationFramework({"plugins": {"training": {"double_norm": {}}}}, available=available)
+    patched = AccelerationFramework(
+        {"plugins": {"training": {"double_norm": {}}}}, available=available
+    )
     plain = AccelerationFramework(None, available=available)
     m1, m2 = tiny_llama(), tiny_llama()
     ids = torch.tensor([[4, 5, 6]])

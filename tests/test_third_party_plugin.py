@@ -99,9 +99,21 @@ def hello_site(tmp_path_factory: pytest.TempPathFactory) -> Path:
     (pkg / "src" / "accel_hello" / "__init__.py").write_text(textwrap.dedent(PLUGIN))
     site = root / "site"
     done = subprocess.run(
-        [sys.executable, "-m", "pip", "install", "--no-deps", "--no-build-isolation", "--no-index",
-         "--target", str(site), str(pkg)],
-        capture_output=True, text=True, timeout=300,
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "install",
+            "--no-deps",
+            "--no-build-isolation",
+            "--no-index",
+            "--target",
+            str(site),
+            str(pkg),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert done.returncode == 0, done.stdout + done.stderr
     return site
@@ -111,7 +123,9 @@ def run(site: Path, *args: str, record: Path | None = None) -> subprocess.Comple
     env = {**os.environ, "PYTHONPATH": str(site) + os.pathsep + os.environ.get("PYTHONPATH", "")}
     if record is not None:
         env["HELLO_RECORD"] = str(record)
-    return subprocess.run([sys.executable, *args], capture_output=True, text=True, env=env, timeout=600)
+    return subprocess.run(
+        [sys.executable, *args], capture_output=True, text=True, env=env, timeout=600
+    )
 
 
 def test_discovered_and_listed(hello_site):
@@ -125,18 +139,36 @@ def test_discovered_and_listed(hello_site):
 def test_config_validated(hello_site, tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("plugins:\n  training:\n    hello:\n      loudnes: loud\n")
-    code = ("import sys\nfrom accel import AccelerationFramework, ConfigError\n"
-            f"try:\n    AccelerationFramework({str(bad)!r})\nexcept ConfigError as e:\n    print(e)\n")
+    code = (
+        "import sys\nfrom accel import AccelerationFramework, ConfigError\n"
+        f"try:\n    AccelerationFramework({str(bad)!r})\nexcept ConfigError as e:\n    print(e)\n"
+    )
     out = run(hello_site, "-c", code)
     assert "plugins.training.hello: unknown key 'loudnes'. Did you mean 'loudness'?" in out.stdout
-    out = run(hello_site, "-m", "accel.cli", "train", "--model_name_or_path", "x",
-              "--training_data_path", "y", "--hello", "hi", "shouting")
+    out = run(
+        hello_site,
+        "-m",
+        "accel.cli",
+        "train",
+        "--model_name_or_path",
+        "x",
+        "--training_data_path",
+        "y",
+        "--hello",
+        "hi",
+        "shouting",
+    )
     assert out.returncode == 2 and "loudness: got 'shouting'" in out.stderr
 
 
 def test_hooks_run_in_real_training(hello_site, base_args, tmp_path):
     record = tmp_path / "record.jsonl"
-    args = {**base_args, "max_steps": 2, "hello": ["howdy", "loud"], "save_model_dir": str(tmp_path / "m")}
+    args = {
+        **base_args,
+        "max_steps": 2,
+        "hello": ["howdy", "loud"],
+        "save_model_dir": str(tmp_path / "m"),
+    }
     path = tmp_path / "args.json"
     path.write_text(json.dumps(args))
     out = run(hello_site, "-m", "accel.cli", "train", str(path), record=record)

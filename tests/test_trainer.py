@@ -5,9 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import pytest
-
 import accel
+import pytest
 from accel import ConfigError
 from accel.trainer.parsing import parse_argv
 
@@ -26,12 +25,11 @@ def test_full_finetune_loss_falls_and_logs_jsonl(base_args):
 
 
 def test_response_template_masks_prompt(tiny_model_dir, cipher_rows):
-    from transformers import AutoTokenizer
-
+    import datasets
     from accel.trainer.arguments import DataArguments
     from accel.trainer.data import tokenize_dataset
     from accel.trainer.demo import RESPONSE_TEMPLATE, TEMPLATE
-    import datasets
+    from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(tiny_model_dir)
     ds = datasets.Dataset.from_list(cipher_rows[:4])
@@ -39,9 +37,11 @@ def test_response_template_masks_prompt(tiny_model_dir, cipher_rows):
     out = tokenize_dataset(ds, tok, args, "test")
     row = out[0]
     kept = [t for t in row["labels"] if t != -100]
-    expected = tok(cipher_rows[0]["output"], add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+    expected = tok(cipher_rows[0]["output"], add_special_tokens=False)["input_ids"] + [
+        tok.eos_token_id
+    ]
     assert kept == expected
-    assert row["input_ids"][-len(kept):] == kept
+    assert row["input_ids"][-len(kept) :] == kept
 
 
 def test_pretokenized_parquet_and_lora_all_linear(base_args, tmp_path):
@@ -50,24 +50,31 @@ def test_pretokenized_parquet_and_lora_all_linear(base_args, tmp_path):
     rows = [{"input_ids": [2, 5, 6, 7, 8, 3], "labels": [-100, -100, 6, 7, 8, 3]}] * 16
     path = tmp_path / "tok.parquet"
     datasets.Dataset.from_list(rows).to_parquet(str(path))
-    args = {**base_args, "training_data_path": str(path), "peft_method": "lora",
-            "target_modules": ["all-linear"], "r": 4, "lora_alpha": 8}
+    args = {
+        **base_args,
+        "training_data_path": str(path),
+        "peft_method": "lora",
+        "target_modules": ["all-linear"],
+        "r": 4,
+        "lora_alpha": 8,
+    }
     args.pop("data_formatter_template"), args.pop("response_template")
     result = accel.train(args)
     assert result.summary["train_steps"] == 4
 
 
 def test_lora_target_modules_semantics(tiny_model_dir):
-    from transformers import AutoModelForCausalLM
-
     from accel.trainer.arguments import TuningArguments
     from accel.trainer.tuning import build_peft_config
+    from transformers import AutoModelForCausalLM
 
     def adapted(targets):
         import peft
 
         model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
-        cfg = build_peft_config(model, None, TuningArguments(peft_method="lora", target_modules=targets))
+        cfg = build_peft_config(
+            model, None, TuningArguments(peft_method="lora", target_modules=targets)
+        )
         pm = peft.get_peft_model(model, cfg)
         return {n.split(".")[-1] for n, m in pm.named_modules() if hasattr(m, "lora_A") and n}
 
@@ -79,10 +86,19 @@ def test_lora_target_modules_semantics(tiny_model_dir):
 
 
 def test_alora_and_prompt_tuning_train(base_args):
-    result = accel.train({**base_args, "peft_method": "alora", "invocation_string": "### Response:",
-                          "target_modules": ["q_proj", "v_proj"], "max_steps": 2})
+    result = accel.train(
+        {
+            **base_args,
+            "peft_method": "alora",
+            "invocation_string": "### Response:",
+            "target_modules": ["q_proj", "v_proj"],
+            "max_steps": 2,
+        }
+    )
     assert result.summary["train_steps"] == 2
-    result = accel.train({**base_args, "peft_method": "pt", "num_virtual_tokens": 4, "max_steps": 2})
+    result = accel.train(
+        {**base_args, "peft_method": "pt", "num_virtual_tokens": 4, "max_steps": 2}
+    )
     assert result.summary["train_steps"] == 2
 
 
@@ -133,7 +149,10 @@ def test_json_config_file_with_flag_lists(base_args, tmp_path):
     [
         ({"peft_metod": "lora"}, "unknown argument 'peft_metod'.*Did you mean 'peft_method'"),
         ({"peft_method": "lorra"}, "peft_method: got 'lorra'.*Did you mean 'lora'"),
-        ({"dataset_text_field": "text", "data_formatter_template": None}, "dataset_text_field 'text' is not a column"),
+        (
+            {"dataset_text_field": "text", "data_formatter_template": None},
+            "dataset_text_field 'text' is not a column",
+        ),
         ({"data_formatter_template": "{{question}} {{output}}"}, r"uses \{\{question\}\}"),
         ({"response_template": "### Answer:"}, "response_template '### Answer:' was not found"),
         ({"training_data_path": "/nonexistent/data.jsonl"}, "does not exist"),
@@ -148,3 +167,26 @@ def test_user_errors(base_args, change, message):
 def test_argv_unknown_flag_suggests(base_args):
     with pytest.raises(ConfigError, match="unknown argument '--learnin_rate'.*learning_rate"):
         parse_argv(["--model_name_or_path", "x", "--learnin_rate", "1"])
+
+
+def test_arrow_text_field_validation_and_gradient_checkpointing(base_args, tmp_path, cipher_rows):
+    import datasets
+
+    rows = [{"text": f"### Input: {r['input']}\n### Response: {r['output']}"} for r in cipher_rows]
+    ds = datasets.Dataset.from_list(rows)
+    ds.save_to_disk(str(tmp_path / "arrow"))
+    arrow_file = next((tmp_path / "arrow").glob("*.arrow"))
+    args = {
+        **base_args,
+        "training_data_path": str(arrow_file),
+        "validation_data_path": str(arrow_file),
+        "dataset_text_field": "text",
+        "data_formatter_template": None,
+        "gradient_checkpointing": True,
+        "peft_method": "lora",
+        "eval_strategy": "steps",
+        "eval_steps": 2,
+        "max_steps": 2,
+    }
+    result = accel.train(args)
+    assert any("eval_loss" in h for h in result.log_history)

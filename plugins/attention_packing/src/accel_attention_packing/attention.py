@@ -158,9 +158,12 @@ def _attend(
     scaling: float | None,
     softcap: float | None,
 ) -> torch.Tensor:
-    """Attention on (..., H, Lq, D) against (..., H, Lk, D) with an optional boolean mask.
+    """Attention on (B, H, Lq, D) against (B, Hkv, Lk, D), H a multiple of Hkv, with an
+    optional boolean mask. ``causal`` is used only when ``mask`` is None and Lq == Lk.
 
-    ``causal`` is used only when ``mask`` is None and Lq == Lk."""
+    Inputs stay 4-D: on CPU, 3-D inputs send sdpa to its slow math backend, while 4-D
+    views in transformers' (B, S, H, D) memory layout take the fused kernel."""
+    n_rep = q.shape[-3] // k.shape[-3]
     if softcap is None:
         return F.scaled_dot_product_attention(
             q,
@@ -170,8 +173,11 @@ def _attend(
             dropout_p=dropout,
             scale=scaling,
             is_causal=causal and mask is None,
+            enable_gqa=n_rep > 1,
         )
     # sdpa has no softcap: do the math explicitly (cost is the same O(L^2) per segment).
+    k = _repeat_kv(k, n_rep)
+    v = _repeat_kv(v, n_rep)
     scale = scaling if scaling is not None else q.shape[-1] ** -0.5
     scores = torch.matmul(q, k.transpose(-1, -2)) * scale
     scores = softcap * torch.tanh(scores / softcap)
@@ -252,8 +258,6 @@ def varlen_sdpa_attention_forward(
     k_len = key.shape[2]
     if n_heads % n_kv:
         raise ValueError(f"{n_heads} query heads is not a multiple of {n_kv} key/value heads")
-    key = _repeat_kv(key, n_heads // n_kv)
-    value = _repeat_kv(value, n_heads // n_kv)
     opts = {"dropout": dropout, "scaling": scaling, "softcap": softcap}
 
     same_cu = cu_seq_lens_q is None or cu_seq_lens_k is None or cu_seq_lens_q is cu_seq_lens_k
@@ -311,24 +315,32 @@ def _segmented(
     sliding_window: int | None,
     opts: dict[str, Any],
 ) -> torch.Tensor:
-    """Run attention independently on each [bounds[i], bounds[i+1]) slice of the flat tokens."""
-    batch, n_heads, seqlen, head_dim = query.shape
+    """Run attention independently on each [bounds[i], bounds[i+1]) slice of the flat tokens.
 
-    def flat(x: torch.Tensor) -> torch.Tensor:  # (B, H, S, D) -> (H, B*S, D)
-        return x[0] if batch == 1 else x.transpose(0, 1).reshape(n_heads, batch * seqlen, -1)
+    Returns (B, S, H, D). Slices are 4-D views of the (B*S)-token row (see :func:`_attend`)."""
+    batch, n_heads, seqlen, _ = query.shape
+
+    def flat(x: torch.Tensor) -> torch.Tensor:  # (B, h, S, D) -> (1, h, B*S, D), a view if it can
+        if batch == 1:
+            return x
+        return x.transpose(1, 2).reshape(1, batch * seqlen, x.shape[1], -1).transpose(1, 2)
 
     q, k, v = flat(query), flat(key), flat(value)
     outs = []
     for start, end in zip(bounds[:-1], bounds[1:]):
         length = end - start
         mask = _band_mask(length, length, sliding_window, causal, q.device)
-        outs.append(
-            _attend(
-                q[:, start:end], k[:, start:end], v[:, start:end], mask=mask, causal=causal, **opts
-            )
+        out = _attend(
+            q[:, :, start:end],
+            k[:, :, start:end],
+            v[:, :, start:end],
+            mask=mask,
+            causal=causal,
+            **opts,
         )
-    out = torch.cat(outs, dim=1)  # (H, B*S, Dv)
-    return out.reshape(n_heads, batch, seqlen, -1).permute(1, 2, 0, 3).contiguous()
+        outs.append(out.transpose(1, 2))  # (1, L, H, Dv)
+    out = torch.cat(outs, dim=1)  # (1, B*S, H, Dv)
+    return out.reshape(batch, seqlen, n_heads, -1)
 
 
 # --------------------------------------------------------------------------------------
