@@ -61,6 +61,7 @@ def main() -> None:
     parser.add_argument("--out", default=None, help="also write the markdown report here")
     args = parser.parse_args()
 
+    load_before = os.getloadavg()
     rows = []
     for name, lengths in length_sets(args.examples, args.seed).items():
         for budget in args.budgets:
@@ -97,7 +98,8 @@ def main() -> None:
         f"--examples {args.examples} --budgets {' '.join(map(str, args.budgets))} "
         f"--ranks {' '.join(map(str, args.ranks))} --seed {args.seed}`",
         f"- date: {datetime.date.today().isoformat()}",
-        f"- machine: {platform.machine()}, {os.cpu_count()} cores (shared), "
+        f"- machine: {platform.machine()}, {os.cpu_count()} cores shared with other jobs "
+        f"(load average at start {load_before[0]:.1f}), "
         f"Python {platform.python_version()}, numpy {np.__version__}, torch {torch.__version__}",
         f"- {args.examples:,} examples per length set; budget = max tokens per rank per step; "
         "targets: efficiency >= 99%, balance <= 1.02",
@@ -117,6 +119,13 @@ def main() -> None:
             f"| {name} | {budget} | {replicas} | {steps} | {eff * 100:.2f}% | {bal:.5f} "
             f"| {rnd_s} | {sec:.2f} |"
         )
+    worst_eff = min(r[4] for r in rows)
+    worst_bal = max(r[5] for r in rows)
+    lines += [
+        "",
+        f"Lowest efficiency {worst_eff * 100:.2f}% (target >= 99%), highest balance "
+        f"{worst_bal:.5f} (target <= 1.02), slowest plan {max(r[7] for r in rows):.2f} s.",
+    ]
     report = "\n".join(lines) + "\n"
     print(report)
     if args.out:

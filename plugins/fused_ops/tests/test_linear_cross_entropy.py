@@ -195,8 +195,9 @@ def test_second_backward_is_refused():
 
 
 def test_default_chunk_size():
-    assert default_chunk_size(128_256) == 130
-    assert default_chunk_size(32_000) == 524
+    assert default_chunk_size(128_256) == 130  # CUDA: 16M logits per chunk
+    assert default_chunk_size(128_256, "cpu") == 523  # CPU: 64M, for efficient GEMMs
+    assert default_chunk_size(32_000, torch.device("cuda", 1)) == 524
     assert default_chunk_size(1 << 30) == 1
 
 

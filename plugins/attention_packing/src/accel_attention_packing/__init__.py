@@ -8,6 +8,20 @@ Submodules are imported on use, so importing this package stays cheap:
   :func:`disable_kv_cache`, :data:`VARLEN_ATTENTION_NAME`
 * :mod:`.multipack` -- :class:`MultipackBatchSampler`, :func:`plan_epoch`
 * :mod:`.lengths` -- :func:`compute_lengths`, :func:`add_length_column`
+
+Wiring for a training run::
+
+    register_varlen_attention()                        # explicit, idempotent
+    impl, reason = choose_attention_path(model.config, device)
+    model.set_attn_implementation(impl)                # or attn_implementation= at load
+    disable_kv_cache(model)                            # packed rows need use_cache=False
+    collate = PaddingFreeCollator()                    # after max_seq_length truncation
+    # multipack (optional): one plan per epoch, each rank takes its own column
+    sampler = MultipackBatchSampler(compute_lengths(train_dataset), num_replicas=world,
+                                    rank=rank, max_tokens_per_rank=budget, seed=seed)
+    loader = DataLoader(train_dataset, batch_sampler=sampler, collate_fn=collate)
+    # per epoch: sampler.set_epoch(epoch); the loader is already sharded by rank, so it
+    # must not be sharded again by accelerate; resume with sampler.load_state_dict(...)
 """
 
 from __future__ import annotations

@@ -325,19 +325,14 @@ def _segmented(
             return x
         return x.transpose(1, 2).reshape(1, batch * seqlen, x.shape[1], -1).transpose(1, 2)
 
-    q, k, v = flat(query), flat(key), flat(value)
+    sizes = [end - start for start, end in zip(bounds[:-1], bounds[1:])]
+    # split (not slicing): its backward is one concatenation, while each slice's backward
+    # would materialise a zero tensor of the whole row.
+    q_parts, k_parts, v_parts = (flat(x).split(sizes, dim=2) for x in (query, key, value))
     outs = []
-    for start, end in zip(bounds[:-1], bounds[1:]):
-        length = end - start
+    for q, k, v, length in zip(q_parts, k_parts, v_parts, sizes):
         mask = _band_mask(length, length, sliding_window, causal, q.device)
-        out = _attend(
-            q[:, :, start:end],
-            k[:, :, start:end],
-            v[:, :, start:end],
-            mask=mask,
-            causal=causal,
-            **opts,
-        )
+        out = _attend(q, k, v, mask=mask, causal=causal, **opts)
         outs.append(out.transpose(1, 2))  # (1, L, H, Dv)
     out = torch.cat(outs, dim=1)  # (1, B*S, H, Dv)
     return out.reshape(batch, seqlen, n_heads, -1)

@@ -157,7 +157,6 @@ def _lpt(sizes: Sequence[int], num_bins: int) -> np.ndarray:
     if n > first:
         # heap of load * num_bins + bin: ints compare fast and ties go to the lowest bin id
         heap = [int(sizes[b]) * num_bins + b for b in range(first)]
-        heap += list(range(first, num_bins))  # empty bins (none when n > num_bins)
         heapq.heapify(heap)
         replace = heapq.heapreplace
         append = assign.append
@@ -323,6 +322,20 @@ def _check_args(
         raise ValueError(f"oversize must be 'error' or 'report', got {oversize!r}")
 
 
+def _world(num_replicas: int | None, rank: int | None) -> tuple[int, int]:
+    """Fill in world size / rank from torch.distributed when not given."""
+    if num_replicas is not None and rank is not None:
+        return num_replicas, rank
+    import torch.distributed as dist
+
+    live = dist.is_available() and dist.is_initialized()
+    if num_replicas is None:
+        num_replicas = dist.get_world_size() if live else 1
+    if rank is None:
+        rank = dist.get_rank() if live else 0
+    return num_replicas, rank
+
+
 class MultipackBatchSampler(Sampler[list[int]]):
     """Batch sampler yielding, for this rank, one list of example indices per step.
 
@@ -333,7 +346,8 @@ class MultipackBatchSampler(Sampler[list[int]]):
 
     Args:
         lengths: tokens per example (see ``lengths.compute_lengths``).
-        num_replicas, rank: data-parallel world size and this process's rank.
+        num_replicas, rank: data-parallel world size and this process's rank; default to
+            those of the initialised ``torch.distributed`` process group, else 1 and 0.
         max_tokens_per_rank: token budget of one micro-batch on one rank. Or
         batch_size: mean number of examples per micro-batch (the number of steps then
             matches a padded run with that per-device batch size); exactly one is given.
@@ -354,8 +368,8 @@ class MultipackBatchSampler(Sampler[list[int]]):
         self,
         lengths: Any,
         *,
-        num_replicas: int = 1,
-        rank: int = 0,
+        num_replicas: int | None = None,
+        rank: int | None = None,
         max_tokens_per_rank: int | None = None,
         batch_size: int | None = None,
         seed: int = 0,
@@ -364,6 +378,7 @@ class MultipackBatchSampler(Sampler[list[int]]):
         oversize: Oversize = "error",
         start_step: int = 0,
     ) -> None:
+        num_replicas, rank = _world(num_replicas, rank)
         _check_args(num_replicas, rank, max_tokens_per_rank, batch_size, oversize)
         self.lengths = _as_lengths(lengths)
         self.lengths.setflags(write=False)

@@ -1,0 +1,130 @@
+"""The two plugin classes of this package: padding-free training and multipack batching."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from accel import AccelerationPlugin, ConfigError, Flag
+
+PADDING_FREE_PATH = "training.attention.padding_free"
+MULTIPACK_PATH = "training.dataloader.multipack"
+
+#: architectures whose packed-row loss and gradients are tested equal to padded batches
+SUPPORTED_MODEL_TYPES = (
+    "llama", "mistral", "mixtral", "granite", "granitemoe", "gpt_bigcode", "qwen2", "qwen3",
+)
+
+
+@dataclass
+class PaddingFreeConfig:
+    method: Literal["huggingface"] = field(
+        default="huggingface",
+        metadata={"help": "packed rows with position_ids restarting per example (no pad tokens)"},
+    )
+
+
+@dataclass
+class MultipackConfig:
+    num_processes: int = field(
+        default=16, metadata={"help": "worker processes that compute example lengths (once)"}
+    )
+    max_tokens_per_rank: int | None = field(
+        default=None,
+        metadata={"help": "token budget of one micro-batch per rank; unset: as many steps as "
+                          "padded batches of per_device_train_batch_size would take"},
+    )
+    oversize: Literal["error", "report"] = field(
+        default="error",
+        metadata={"help": "an example longer than the budget: stop with an error, or skip it "
+                          "and report it"},
+    )
+
+    def __post_init__(self) -> None:
+        if self.num_processes < 1:
+            raise ValueError(f"num_processes must be >= 1, got {self.num_processes}")
+        if self.max_tokens_per_rank is not None and self.max_tokens_per_rank < 1:
+            raise ValueError(f"max_tokens_per_rank must be >= 1, got {self.max_tokens_per_rank}")
+
+
+class PaddingFreePlugin(AccelerationPlugin):
+    """Concatenates the examples of a batch into one row; attention never crosses examples."""
+
+    name = "padding_free"
+    config_paths = (PADDING_FREE_PATH,)
+    config_schema = PaddingFreeConfig
+    flags = (Flag("padding_free", PADDING_FREE_PATH, "method: huggingface", fields=("method",)),)
+    model_types = SUPPORTED_MODEL_TYPES
+
+    def __init__(self, configs: dict[str, Any]) -> None:
+        super().__init__(configs)
+        self.attention_reason = "not chosen yet"
+
+    def augment_model(self, model: Any, train_args: Any, peft_config: Any) -> tuple[Any, Any]:
+        from .attention import choose_attention_path, disable_kv_cache, register_varlen_attention
+
+        register_varlen_attention()
+        choice = choose_attention_path(model.config, getattr(train_args, "device", None))
+        model.set_attn_implementation(choice.implementation)
+        disable_kv_cache(model)
+        self.attention_reason = choice.reason
+        return model, peft_config
+
+    def data_collator(self, tokenizer: Any, train_args: Any, default: Any) -> Any:
+        from .collator import PaddingFreeCollator
+
+        return PaddingFreeCollator()
+
+    def report_lines(self) -> Sequence[str]:
+        return [f"attention: {self.attention_reason}", "use_cache: False (packed rows need it)"]
+
+
+class MultipackPlugin(AccelerationPlugin):
+    """Batches of balanced token counts per rank (needs padding_free)."""
+
+    name = "multipack"
+    config_paths = (MULTIPACK_PATH,)
+    config_schema = MultipackConfig
+    flags = (Flag("multipack", MULTIPACK_PATH, "num_processes used to compute lengths, e.g. 16",
+                  fields=("num_processes",)),)
+    requires = ("padding_free",)
+    model_types = SUPPORTED_MODEL_TYPES
+
+    def train_dataloader(self, dataset: Any, collator: Any, train_args: Any) -> Any:
+        from .lengths import compute_lengths
+        from .loader import EpochDataLoader
+        from .multipack import MultipackBatchSampler
+
+        if not hasattr(dataset, "__len__"):
+            raise ConfigError(
+                "multipack needs the length of every example up front, but the training "
+                f"dataset is a {type(dataset).__name__} (iterable/streaming); use a map-style "
+                "dataset or turn multipack off"
+            )
+        cfg: MultipackConfig = self.config()
+        lengths = compute_lengths(dataset, num_proc=cfg.num_processes)
+        budget = cfg.max_tokens_per_rank
+        sampler = MultipackBatchSampler(
+            lengths,
+            num_replicas=train_args.world_size,
+            rank=train_args.process_index,
+            max_tokens_per_rank=budget,
+            batch_size=None if budget else train_args.per_device_train_batch_size,
+            seed=train_args.seed,
+            oversize=cfg.oversize,
+        )
+        plan_line = (
+            f"multipack: {len(lengths)} examples, {len(sampler)} steps per epoch, "
+            f"{train_args.world_size} rank(s), "
+            + (f"budget {budget} tokens/rank" if budget else
+               f"bins sized like padded batches of {train_args.per_device_train_batch_size}")
+        )
+        if train_args.process_index == 0:
+            print(f"accel: {plan_line}", flush=True)
+        return EpochDataLoader(
+            dataset,
+            batch_sampler=sampler,
+            collate_fn=collator,
+            num_workers=train_args.dataloader_num_workers,
+        )
