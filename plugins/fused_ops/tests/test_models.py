@@ -35,11 +35,13 @@ def _rel(a: list[float], b: list[float]) -> list[float]:
     return [abs(x - y) / abs(y) for x, y in zip(a, b, strict=True)]
 
 
-def _assert_same_trajectory(patched: list[float], reference: list[float], what: str) -> None:
+def _assert_same_trajectory(
+    patched: list[float], reference: list[float], what: str, min_drop: float = 0.5
+) -> None:
     diffs = _rel(patched, reference)
     assert max(diffs[:FIRST]) <= RTOL_FIRST, f"{what}: first steps differ {diffs[:FIRST]}"
     assert max(diffs) <= RTOL_ALL, f"{what}: losses differ {diffs}"
-    assert patched[-1] < patched[0] - 0.5, f"{what}: did not train {patched}"
+    assert patched[-1] < patched[0] - min_drop, f"{what}: did not train {patched}"
 
 
 def _logits_check(fused: bool):
@@ -126,33 +128,37 @@ def _lora_model(model_type: str, targets: list[str], dropout: float):
     return get_peft_model(model, config)
 
 
+LORA_LR, LORA_DROP = 1e-3, 0.05  # adapters on a random model: the loss falls slowly
 ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
 @pytest.mark.parametrize("dropout", [0.0, 0.1])
 def test_fused_lora_trains_like_peft(dropout):
-    reference = train_losses(_lora_model("llama", ALL_LINEAR, dropout), DATA)
+    reference = train_losses(_lora_model("llama", ALL_LINEAR, dropout), DATA, lr=LORA_LR)
     for switches in ({}, {f: True for f in KERNEL_FEATURES}):
         model = _lora_model("llama", ALL_LINEAR, dropout)
         settings = FusedOpsConfig(fused_lora=True, base_layer="plain", **switches)
         applied = apply_patches(model, build_rules(settings, model))
         assert applied.counts["lora_linear"] == 14
-        losses = train_losses(model, DATA)
+        losses = train_losses(model, DATA, lr=LORA_LR)
         applied.revert()
-        _assert_same_trajectory(losses, reference, f"lora dropout={dropout} {switches}")
+        _assert_same_trajectory(
+            losses, reference, f"lora dropout={dropout} {switches}", min_drop=LORA_DROP
+        )
     if dropout:  # the dropout really acts: a run without it takes another path
-        no_dropout = train_losses(_lora_model("llama", ALL_LINEAR, 0.0), DATA)
+        no_dropout = train_losses(_lora_model("llama", ALL_LINEAR, 0.0), DATA, lr=LORA_LR)
         assert max(_rel(no_dropout, reference)) > 1e-3
 
 
 @pytest.mark.parametrize("model_type", ["llama", "granite", "gemma2"])
 def test_lora_lm_head_with_fused_linear_cross_entropy(model_type):
     targets = ["q_proj", "v_proj", "lm_head"]
-    reference = train_losses(_lora_model(model_type, targets, 0.0), DATA)
+    reference = train_losses(_lora_model(model_type, targets, 0.0), DATA, lr=LORA_LR)
     for switches in ({"fast_loss": True}, {"fast_loss": True, "fused_lora": True}):
         model = _lora_model(model_type, targets, 0.0)
         settings = FusedOpsConfig(base_layer="plain", **switches)
         applied = apply_patches(model, build_rules(settings, model))
-        losses = train_losses(model, DATA, after_step=_logits_check(True))
+        losses = train_losses(model, DATA, lr=LORA_LR, after_step=_logits_check(True))
         applied.revert()
-        _assert_same_trajectory(losses, reference, f"{model_type} lora lm_head {switches}")
+        what = f"{model_type} lora lm_head {switches}"
+        _assert_same_trajectory(losses, reference, what, min_drop=LORA_DROP)
