@@ -1,9 +1,12 @@
 #!/usr/bin/env bash
-# Install accel, its plugins and the test requirements, then run the whole test suite on CPU.
+# Install accel, its plugins and the test requirements, then run the whole test suite on CPU
+# (and ruff, the project's linter).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/install.sh -r requirements/test.txt
 export TRITON_INTERPRET=1 TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1
-.venv/bin/ruff check core cli plugins tests benchmarks
-exec .venv/bin/python -m pytest -q --import-mode=importlib -p no:cacheprovider \
-    tests plugins/*/tests "$@"
+status=0
+.venv/bin/python -m pytest -q --import-mode=importlib -p no:cacheprovider \
+    tests plugins/*/tests "$@" || status=$?
+.venv/bin/ruff check core cli plugins tests benchmarks scripts || status=$?
+exit $status

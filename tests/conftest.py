@@ -21,8 +21,9 @@ sys.path.insert(0, str(Path(__file__).parent))
 def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A 2-layer Llama (hidden 32) with the demo's word-level tokenizer, saved to disk."""
     import torch
-    from accel.trainer.demo import build_tokenizer
     from transformers import LlamaConfig, LlamaForCausalLM
+
+    from accel.trainer.demo import build_tokenizer
 
     root = tmp_path_factory.mktemp("tiny-llama")
     torch.manual_seed(0)

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import pytest
+from plugin_fixtures import KernelsPlugin, infos
+
 from accel import AccelerationFramework, ConfigError, PluginNotInstalledError
 from accel.flags import sections_from_flags
-from plugin_fixtures import KernelsPlugin, infos
 
 
 def framework(config=None, sections=None):

@@ -3,13 +3,6 @@
 from __future__ import annotations
 
 import pytest
-from accel import (
-    AccelerationFramework,
-    AccelerationPlugin,
-    PluginConflictError,
-    PluginRequirementError,
-    UnsupportedModelError,
-)
 from plugin_fixtures import (
     Conflicting,
     FutureCore,
@@ -20,6 +13,14 @@ from plugin_fixtures import (
     NeedsPackage,
     OtherLoaderPlugin,
     infos,
+)
+
+from accel import (
+    AccelerationFramework,
+    AccelerationPlugin,
+    PluginConflictError,
+    PluginRequirementError,
+    UnsupportedModelError,
 )
 
 ALL = infos(

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from accel import AccelerationFramework, AccelerationPlugin, PatchError, PatchRule, apply_patches
-from accel.patching import set_attribute
 from plugin_fixtures import infos
 from transformers import GPTBigCodeConfig, GPTBigCodeForCausalLM, LlamaConfig, LlamaForCausalLM
+
+from accel import AccelerationFramework, AccelerationPlugin, PatchError, PatchRule, apply_patches
+from accel.patching import set_attribute
 
 
 def tiny_llama() -> LlamaForCausalLM:

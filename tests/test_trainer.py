@@ -5,8 +5,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import accel
 import pytest
+
+import accel
 from accel import ConfigError
 from accel.trainer.parsing import parse_argv
 
@@ -26,10 +27,11 @@ def test_full_finetune_loss_falls_and_logs_jsonl(base_args):
 
 def test_response_template_masks_prompt(tiny_model_dir, cipher_rows):
     import datasets
+    from transformers import AutoTokenizer
+
     from accel.trainer.arguments import DataArguments
     from accel.trainer.data import tokenize_dataset
     from accel.trainer.demo import RESPONSE_TEMPLATE, TEMPLATE
-    from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(tiny_model_dir)
     ds = datasets.Dataset.from_list(cipher_rows[:4])
@@ -64,9 +66,10 @@ def test_pretokenized_parquet_and_lora_all_linear(base_args, tmp_path):
 
 
 def test_lora_target_modules_semantics(tiny_model_dir):
+    from transformers import AutoModelForCausalLM
+
     from accel.trainer.arguments import TuningArguments
     from accel.trainer.tuning import build_peft_config
-    from transformers import AutoModelForCausalLM
 
     def adapted(targets):
         import peft

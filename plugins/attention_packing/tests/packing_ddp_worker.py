@@ -17,11 +17,12 @@ def run_rank(rank: int, world: int, port: int, out_dir: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
+        from packing_tiny_models import random_examples, tiny_model
+        from torch.nn.parallel import DistributedDataParallel
+
         from accel_attention_packing.attention import disable_kv_cache, register_varlen_attention
         from accel_attention_packing.collator import PaddingFreeCollator
         from accel_attention_packing.multipack import MultipackBatchSampler
-        from packing_tiny_models import random_examples, tiny_model
-        from torch.nn.parallel import DistributedDataParallel
 
         name = register_varlen_attention()
         examples = random_examples(LENGTHS, seed=11)

@@ -7,6 +7,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 import torch
+
 from accel_attention_packing import lengths as lengths_mod
 from accel_attention_packing.lengths import add_length_column, compute_lengths
 from accel_attention_packing.multipack import MultipackBatchSampler

@@ -3,9 +3,10 @@
 import numpy as np
 import pytest
 import torch
+from torch.utils.data import DataLoader
+
 from accel_attention_packing.collator import PaddingFreeCollator
 from accel_attention_packing.multipack import MultipackBatchSampler, plan_epoch
-from torch.utils.data import DataLoader
 
 
 def _lengths(n=3000, seed=0):

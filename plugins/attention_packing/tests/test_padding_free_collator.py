@@ -3,8 +3,9 @@
 import numpy as np
 import pytest
 import torch
-from accel_attention_packing.collator import PaddingFreeCollator
 from transformers import DataCollatorWithFlattening
+
+from accel_attention_packing.collator import PaddingFreeCollator
 
 EXAMPLES = [[5, 6, 7], [8, 9], [10, 11, 12, 13]]
 

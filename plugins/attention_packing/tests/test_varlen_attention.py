@@ -6,6 +6,8 @@ import math
 
 import pytest
 import torch
+from transformers import AttentionInterface
+
 from accel_attention_packing import attention as att
 from accel_attention_packing.attention import (
     VARLEN_ATTENTION_NAME,
@@ -15,7 +17,6 @@ from accel_attention_packing.attention import (
     register_varlen_attention,
     varlen_sdpa_attention_forward,
 )
-from transformers import AttentionInterface
 
 
 class _Module(torch.nn.Module):

@@ -7,13 +7,14 @@ rtol 1e-4, atol 1e-6 (observed differences are ~1e-7 relative).
 
 import pytest
 import torch
+from packing_tiny_models import padded_batch, random_examples, tiny_model, token_ce
+
 from accel_attention_packing.attention import (
     VARLEN_ATTENTION_NAME,
     disable_kv_cache,
     register_varlen_attention,
 )
 from accel_attention_packing.collator import PaddingFreeCollator
-from packing_tiny_models import padded_batch, random_examples, tiny_model, token_ce
 
 LENGTHS = [7, 13, 3, 10, 1, 6]
 MODELS = ["llama", "mistral", "mixtral", "granite", "gpt_bigcode", "qwen2", "qwen3"]

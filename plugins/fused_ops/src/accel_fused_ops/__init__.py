@@ -1,1 +1,7 @@
-"""Fused Triton kernels (RMSNorm, RoPE, gated MLP activations, ...) for Hugging Face models."""
+"""accel-fused-ops: fused kernels for Hugging Face causal LMs, reached through patch rules.
+
+``kernels/`` holds the ops (Triton + PyTorch each), ``rules.build_rules`` turns a
+:class:`~accel_fused_ops.config.FusedOpsConfig` into :class:`accel.PatchRule` objects for one
+model, and ``support`` lists the architectures each feature supports. Nothing heavy is
+imported here: ``accel plugins`` loads the plugin class without torch.
+"""

@@ -29,6 +29,16 @@ FEATURE_ORDER = (
     "fast_loss",
 )
 
+#: the rule names each feature's builder returns (the patch report shows them prefixed with
+#: ``fused_ops.``); fast_loss uses the first in ``cross_entropy`` mode, the second otherwise
+RULE_NAMES = {
+    "fused_lora": ("lora_linear",),
+    "fast_rms_layernorm": ("rms_norm",),
+    "fast_swiglu": ("gated_mlp",),
+    "fast_rope_embeddings": ("rotary_embedding",),
+    "fast_loss": ("cross_entropy_loss", "linear_cross_entropy_loss"),
+}
+
 
 def requested_features(settings: FusedOpsConfig) -> list[str]:
     """The features switched on in ``settings``, in application order."""
@@ -80,7 +90,7 @@ def _rms_norm_rules(model: Any) -> list[PatchRule]:
                 raise PatchError(f"fast_rms_layernorm: module '{name}': {err}") from None
     return [
         PatchRule(
-            name="rms_norm",
+            name=RULE_NAMES["fast_rms_layernorm"][0],
             feature="fast_rms_layernorm",
             model_types=FEATURES["fast_rms_layernorm"].model_types,
             match=is_rms_norm,
@@ -108,7 +118,7 @@ def _gated_mlp_rules(model: Any) -> list[PatchRule]:
             raise PatchError(f"fast_swiglu: module '{name}': {err}") from None
     return [
         PatchRule(
-            name="gated_mlp",
+            name=RULE_NAMES["fast_swiglu"][0],
             feature="fast_swiglu",
             module_classes=GATED_MLP_CLASSES,
             model_types=FEATURES["fast_swiglu"].model_types,
@@ -133,7 +143,7 @@ def _rope_rules(model: Any) -> list[PatchRule]:
         checked.add(modeling.__name__)
     return [
         PatchRule(
-            name="rotary_embedding",
+            name=RULE_NAMES["fast_rope_embeddings"][0],
             feature="fast_rope_embeddings",
             model_types=FEATURES["fast_rope_embeddings"].model_types,
             match=lambda m: rope_patch.rope_modeling_module(m) is not None,
@@ -181,7 +191,7 @@ def _loss_rules(model: Any, mode: str) -> list[PatchRule]:
 
     return [
         PatchRule(
-            name="linear_cross_entropy_loss" if fused else "cross_entropy_loss",
+            name=RULE_NAMES["fast_loss"][int(fused)],
             feature="fast_loss",
             module_classes=tuple(CAUSAL_LM_HEADS),
             model_types=FEATURES["fast_loss"].model_types,
@@ -197,7 +207,7 @@ def _lora_rules(model: Any, base_layer: str) -> list[PatchRule]:
     targets = {id(m) for m in check_fusable(model, base_layer)}
     return [
         PatchRule(
-            name="lora_linear",
+            name=RULE_NAMES["fused_lora"][0],
             feature="fused_lora",
             model_types=FEATURES["fused_lora"].model_types,
             match=lambda m: id(m) in targets,

@@ -91,7 +91,7 @@ def _ce_rows_kernel(
             z = softcap * _tanh(z / softcap)
         z = tl.where(mask, z, float("-inf"))
         m_new = tl.maximum(m, tl.max(z, axis=0))
-        s = s * tl.exp(m - m_new) + tl.sum(tl.exp(z - m_new), axis=0)
+        s = s + tl.sum(tl.exp(z - m_new), axis=0)
         m = m_new
     lse = m + tl.log(s)
 
@@ -214,7 +214,7 @@ def _ce_rows_torch(
     return loss
 
 
-def _check_labels_in_range(labels: torch.Tensor, n_classes: int, ignore_index: int) -> None:
+def check_label_range(labels: torch.Tensor, n_classes: int, ignore_index: int) -> None:
     """Raise for labels outside ``[0, n_classes)`` that are not ``ignore_index``.
 
     Costs a device sync, so only the PyTorch path calls it; the Triton kernel instead returns
@@ -431,7 +431,7 @@ def cross_entropy(
         logits = logits.contiguous()
     impl = choose_impl(logits)
     if impl == "torch":
-        _check_labels_in_range(labels, logits.shape[1], ignore_index)
+        check_label_range(labels, logits.shape[1], ignore_index)
     scale = loss_scale(labels, ignore_index, reduction, num_items_in_batch)
     opts = _Options(impl, int(ignore_index), softcap, reduction, bool(inplace_backward))
     return _CrossEntropyFunction.apply(logits, labels, scale, opts)

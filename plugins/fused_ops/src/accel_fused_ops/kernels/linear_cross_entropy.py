@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..dispatch import choose_impl
-from .cross_entropy import _check_labels_in_range, cross_entropy_rows, loss_scale
+from .cross_entropy import check_label_range, cross_entropy_rows, loss_scale
 from .cross_entropy import validate_loss_args as _validate_loss_args
 
 __all__ = [
@@ -452,7 +452,7 @@ def fused_linear_cross_entropy(
     compute_dtype = _linear_compute_dtype(hidden, weight)
     impl = choose_impl(hidden)
     if impl == "torch":
-        _check_labels_in_range(labels, weight.shape[0], ignore_index)
+        check_label_range(labels, weight.shape[0], ignore_index)
     opts = _Options(
         impl,
         int(ignore_index),
@@ -525,7 +525,7 @@ def fused_linear_cross_entropy_module(
     vocab_size = _vocab_size_of(projection, hidden)
     impl = choose_impl(hidden)
     if impl == "torch":
-        _check_labels_in_range(labels, vocab_size, ignore_index)
+        check_label_range(labels, vocab_size, ignore_index)
     opts = _Options(
         impl,
         int(ignore_index),
