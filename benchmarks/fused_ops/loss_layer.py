@@ -85,6 +85,7 @@ class _PeakMeter:
 
 def _loss_fn(method: str, chunk_size: int | None):
     import torch.nn.functional as F
+
     from accel_fused_ops.kernels.linear_cross_entropy import fused_linear_cross_entropy
 
     if method == "hf":

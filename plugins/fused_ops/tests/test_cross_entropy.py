@@ -11,6 +11,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+
 from accel_fused_ops.kernels.cross_entropy import (
     _ce_rows_torch,
     _ce_rows_triton,

@@ -15,12 +15,13 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
+
 from accel_fused_ops.kernels.linear_cross_entropy import (
     default_chunk_size,
     fused_linear_cross_entropy,
     fused_linear_cross_entropy_module,
 )
-from torch import nn
 
 N, H, V = 37, 65, 1000
 CHUNK = 8

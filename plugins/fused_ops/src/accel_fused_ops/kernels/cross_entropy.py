@@ -91,7 +91,7 @@ def _ce_rows_kernel(
             z = softcap * _tanh(z / softcap)
         z = tl.where(mask, z, float("-inf"))
         m_new = tl.maximum(m, tl.max(z, axis=0))
-        s = s + tl.sum(tl.exp(z - m_new), axis=0)
+        s = s * tl.exp(m - m_new) + tl.sum(tl.exp(z - m_new), axis=0)
         m = m_new
     lse = m + tl.log(s)
 
