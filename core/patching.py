@@ -126,6 +126,18 @@ def apply_patches(model: Any, rules: Iterable[PatchRule]) -> AppliedPatches:
     rules = list(rules)
     model_type = model_type_of(model)
     applied = AppliedPatches(type(model).__name__, model_type)
+    try:
+        _apply_all(model, rules, model_type, applied)
+    except BaseException:
+        applied.revert()  # never leave a model half-patched
+        raise
+    _check_features(applied, rules)
+    return applied
+
+
+def _apply_all(
+    model: Any, rules: list[PatchRule], model_type: str | None, applied: AppliedPatches
+) -> None:
     modules = list(model.named_modules())
     parents = {
         id(m): (parent, child)
@@ -153,8 +165,6 @@ def apply_patches(model: Any, rules: Iterable[PatchRule]) -> AppliedPatches:
                 applied._reverts.append(revert)
             count += 1
         applied.counts[rule.name] = count
-    _check_features(applied, rules)
-    return applied
 
 
 def _check_features(applied: AppliedPatches, rules: Sequence[PatchRule]) -> None:

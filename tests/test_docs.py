@@ -14,7 +14,9 @@ MARKER = "<!-- generated: python -m accel.reference -->\n"
 
 
 def test_configuration_reference_is_current():
-    shipped = {p for e in CATALOG if (DOC.parents[1] / "plugins" / e.package).is_dir() for p in e.plugins}
+    shipped = {
+        p for e in CATALOG if (DOC.parents[1] / "plugins" / e.package).is_dir() for p in e.plugins
+    }
     if set(discover_plugins()) != shipped:
         pytest.skip("the reference covers exactly the plugins of this checkout; install them all")
     text = DOC.read_text()

@@ -128,3 +128,16 @@ def test_two_frameworks_patch_their_own_models_only():
     assert not torch.allclose(m1(ids).logits, ref)
     patched.revert_patches()
     assert torch.allclose(m1(ids).logits, ref)
+
+
+def test_rule_that_raises_midway_leaves_model_unpatched():
+    model = tiny_llama()
+
+    def failing(module):
+        raise RuntimeError("cannot patch this one")
+
+    ok = PatchRule("ok", "a", module_classes=("LlamaRMSNorm",), forward=doubled_norm)
+    bad = PatchRule("bad", "b", module_classes=("LlamaMLP",), forward=failing)
+    with pytest.raises(RuntimeError, match="cannot patch"):
+        apply_patches(model, [ok, bad])
+    assert all("forward" not in vars(m) for m in model.modules())

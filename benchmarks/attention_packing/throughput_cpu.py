@@ -37,6 +37,7 @@ sys.path.insert(
 )
 
 import transformers  # noqa: E402
+
 from accel_attention_packing.attention import (  # noqa: E402
     VARLEN_ATTENTION_NAME,
     disable_kv_cache,

@@ -29,10 +29,17 @@ def data(tmp_path_factory):
 
 def args_for(model_dir: Path, data: Path, out: Path, **extra) -> dict:
     return {
-        "model_name_or_path": str(model_dir), "training_data_path": str(data),
-        "output_dir": str(out), "per_device_train_batch_size": 6, "max_steps": 8,
-        "learning_rate": 5e-3, "logging_steps": 1, "save_strategy": "no", "disable_tqdm": True,
-        "seed": 3, **extra,
+        "model_name_or_path": str(model_dir),
+        "training_data_path": str(data),
+        "output_dir": str(out),
+        "per_device_train_batch_size": 6,
+        "max_steps": 8,
+        "learning_rate": 5e-3,
+        "logging_steps": 1,
+        "save_strategy": "no",
+        "disable_tqdm": True,
+        "seed": 3,
+        **extra,
     }
 
 
@@ -45,9 +52,14 @@ def test_padding_free_training_matches_padded(models, data, tmp_path, arch):
     """Same examples, same order: padded and padding-free runs follow the same loss curve
     (fp32; the tolerance covers summation-order differences over 8 optimizer steps)."""
     padded = accel.train(args_for(models[arch], data, tmp_path / "padded"))
-    packed = accel.train(args_for(models[arch], data, tmp_path / "packed", padding_free=["huggingface"]))
+    packed = accel.train(
+        args_for(models[arch], data, tmp_path / "packed", padding_free=["huggingface"])
+    )
     assert losses(padded) == pytest.approx(losses(packed), rel=1e-4)
-    assert packed.summary["train_tokens"] == packed.summary["train_tokens_per_s"] * 0 + packed.summary["train_tokens"]
+    assert (
+        packed.summary["train_tokens"]
+        == packed.summary["train_tokens_per_s"] * 0 + packed.summary["train_tokens"]
+    )
     assert packed.summary["train_tokens"] < padded.summary["train_tokens"]  # no pad tokens fed
     fw = packed.framework
     assert fw.names == ["padding_free"]
@@ -69,7 +81,9 @@ def test_padding_free_turns_kv_cache_off(models, data, tmp_path):
 
 
 def test_multipack_without_padding_free_is_an_error(models, data, tmp_path):
-    with pytest.raises(PluginRequirementError, match="'multipack' requires plugin 'padding_free'.*--padding_free"):
+    with pytest.raises(
+        PluginRequirementError, match="'multipack' requires plugin 'padding_free'.*--padding_free"
+    ):
         accel.train(args_for(models["llama"], data, tmp_path, multipack=[1]))
 
 
@@ -79,8 +93,16 @@ def test_multipack_rejects_iterable_dataset(tmp_path):
     from accel import AccelerationFramework
     from accel.trainer.arguments import TrainingArguments
 
-    fw = AccelerationFramework({"plugins": {"training": {
-        "attention": {"padding_free": {}}, "dataloader": {"multipack": {"num_processes": 1}}}}})
+    fw = AccelerationFramework(
+        {
+            "plugins": {
+                "training": {
+                    "attention": {"padding_free": {}},
+                    "dataloader": {"multipack": {"num_processes": 1}},
+                }
+            }
+        }
+    )
     stream = datasets.Dataset.from_list([{"input_ids": [1, 2]}]).to_iterable_dataset()
     with pytest.raises(ConfigError, match="needs the length of every example up front"):
         fw.train_dataloader(stream, None, TrainingArguments(output_dir=str(tmp_path)))
@@ -88,7 +110,9 @@ def test_multipack_rejects_iterable_dataset(tmp_path):
 
 def test_multipack_bad_config_value(models, data, tmp_path):
     with pytest.raises(ConfigError, match="num_processes must be >= 1"):
-        accel.train(args_for(models["llama"], data, tmp_path, padding_free=["huggingface"], multipack=[0]))
+        accel.train(
+            args_for(models["llama"], data, tmp_path, padding_free=["huggingface"], multipack=[0])
+        )
 
 
 def test_multipack_ddp_every_example_once_per_epoch(models, data, tmp_path):
@@ -96,25 +120,52 @@ def test_multipack_ddp_every_example_once_per_epoch(models, data, tmp_path):
     every example exactly once."""
     record = tmp_path / "record"
     record.mkdir()
-    args = args_for(models["llama"], data, tmp_path / "out", padding_free=["huggingface"],
-                    multipack=[1], num_train_epochs=2, ddp_backend="gloo")
+    args = args_for(
+        models["llama"],
+        data,
+        tmp_path / "out",
+        padding_free=["huggingface"],
+        multipack=[1],
+        num_train_epochs=2,
+        ddp_backend="gloo",
+    )
     args.pop("max_steps")
     path = tmp_path / "args.json"
     path.write_text(json.dumps(args))
     worker = Path(__file__).parent / "ddp_trainer_worker.py"
     env = {**os.environ, "RECORD_DIR": str(record), "OMP_NUM_THREADS": "1"}
     done = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-         "29541", str(worker), str(path)], capture_output=True, text=True, env=env, timeout=600,
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            "2",
+            "--master_port",
+            "29541",
+            str(worker),
+            str(path),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
     )
     assert done.returncode == 0, done.stderr[-3000:]
-    per_rank = [[json.loads(x) for x in (record / f"rank{r}.jsonl").read_text().splitlines()]
-                for r in range(2)]
+    per_rank = [
+        [json.loads(x) for x in (record / f"rank{r}.jsonl").read_text().splitlines()]
+        for r in range(2)
+    ]
     steps = len(per_rank[0])
     assert steps == len(per_rank[1]) and steps % 2 == 0  # same number of steps on both ranks
     half = steps // 2
     for epoch in range(2):
-        seen = [i for rank in per_rank for batch in rank[epoch * half:(epoch + 1) * half] for i in batch]
+        seen = [
+            i
+            for rank in per_rank
+            for batch in rank[epoch * half : (epoch + 1) * half]
+            for i in batch
+        ]
         assert sorted(seen) == list(range(120)), f"epoch {epoch}"
     first_epoch_rank0 = [i for b in per_rank[0][:half] for i in b]
     second_epoch_rank0 = [i for b in per_rank[0][half:] for i in b]

@@ -10,10 +10,11 @@ patched model's (rtol 1e-5, atol 1e-6).
 from __future__ import annotations
 
 import torch
+from tiny_models import batches, tiny_model
+
 from accel import apply_patches
 from accel_fused_ops.config import FusedOpsConfig
 from accel_fused_ops.rules import build_rules
-from tiny_models import batches, tiny_model
 
 SETTINGS = FusedOpsConfig(
     fast_loss=True, fast_rms_layernorm=True, fast_rope_embeddings=True, fast_swiglu=True

@@ -21,6 +21,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from peft import LoraConfig, get_peft_model
+from torch import nn
+
 from accel_fused_ops.kernels.dequant import gptq_dequantize_triton
 from accel_fused_ops.kernels.fused_lora import (
     can_fuse,
@@ -28,8 +31,6 @@ from accel_fused_ops.kernels.fused_lora import (
     fused_lora_linear,
     fused_lora_qkv_forward,
 )
-from peft import LoraConfig, get_peft_model
-from torch import nn
 
 IN, OUT, R = 65, 47, 3
 TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}

@@ -22,11 +22,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+from tiny_models import MODEL_TYPES, batches, tiny_model, train_losses
+
 from accel import apply_patches
 from accel_fused_ops.config import FusedOpsConfig
 from accel_fused_ops.rules import build_rules
 from accel_fused_ops.support import FEATURES
-from tiny_models import MODEL_TYPES, batches, tiny_model, train_losses
 
 KERNEL_FEATURES = ("fast_loss", "fast_rms_layernorm", "fast_rope_embeddings", "fast_swiglu")
 RTOL_FIRST, RTOL_ALL, FIRST = 1e-5, 1e-4, 10

@@ -12,6 +12,7 @@ import importlib
 
 import pytest
 import torch
+
 from accel_fused_ops.kernels.rms_norm import rms_norm, rms_norm_params, rms_norm_reference
 
 SHAPE = (3, 37, 129)  # 111 rows of an odd width: masks on both axes, 7 programs

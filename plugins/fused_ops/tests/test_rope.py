@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-from accel_fused_ops.kernels.rope import apply_rotary_pos_emb
 from transformers import LlamaConfig, Phi3Config
 from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb as hf_rope
 from transformers.models.phi3.modeling_phi3 import Phi3RotaryEmbedding
 from transformers.models.phi3.modeling_phi3 import apply_rotary_pos_emb as hf_partial_rope
+
+from accel_fused_ops.kernels.rope import apply_rotary_pos_emb
 
 B, H, HKV, S = 2, 3, 1, 37  # GQA: 3 query heads share 1 key head; 74 programs
 

@@ -5,10 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 import transformers.models.llama.modeling_llama as modeling_llama
+from tiny_models import tiny_model
+
 from accel import AccelerationFramework, PatchError, UnsupportedModelError, apply_patches
 from accel_fused_ops.config import FusedOpsConfig
 from accel_fused_ops.rules import build_rules
-from tiny_models import tiny_model
 
 ORIGINAL_ROPE = modeling_llama.apply_rotary_pos_emb
 

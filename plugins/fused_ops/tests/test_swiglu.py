@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-from accel_fused_ops.kernels.swiglu import activation_params, gated_activation, geglu, swiglu
 from transformers import Gemma3TextConfig, GemmaConfig, LlamaConfig
 from transformers.activations import ACT2FN
 from transformers.models.gemma.modeling_gemma import GemmaMLP
 from transformers.models.gemma3.modeling_gemma3 import Gemma3MLP
 from transformers.models.llama.modeling_llama import LlamaMLP
+
+from accel_fused_ops.kernels.swiglu import activation_params, gated_activation, geglu, swiglu
 
 SHAPE = (3, 37, 129)  # 14319 elements: 14 programs of 1024, the last one masked
 

@@ -13,6 +13,7 @@ import math
 from pathlib import Path
 
 import pytest
+
 from accel import PatchError
 from accel.registry import discover_plugins
 from accel.trainer.run import build_framework, main_from_argv, parse_argv
@@ -22,8 +23,9 @@ from accel.trainer.run import build_framework, main_from_argv, parse_argv
 def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A 2-layer Llama (hidden 32) with the demo tokenizer, and 32 cipher examples."""
     import torch
-    from accel.trainer.demo import build_tokenizer, make_examples
     from transformers import LlamaConfig, LlamaForCausalLM
+
+    from accel.trainer.demo import build_tokenizer, make_examples
 
     root = tmp_path_factory.mktemp("fused-ops-run")
     torch.manual_seed(0)

@@ -13,7 +13,14 @@ MULTIPACK_PATH = "training.dataloader.multipack"
 
 #: architectures whose packed-row loss and gradients are tested equal to padded batches
 SUPPORTED_MODEL_TYPES = (
-    "llama", "mistral", "mixtral", "granite", "granitemoe", "gpt_bigcode", "qwen2", "qwen3",
+    "llama",
+    "mistral",
+    "mixtral",
+    "granite",
+    "granitemoe",
+    "gpt_bigcode",
+    "qwen2",
+    "qwen3",
 )
 
 
@@ -32,13 +39,17 @@ class MultipackConfig:
     )
     max_tokens_per_rank: int | None = field(
         default=None,
-        metadata={"help": "token budget of one micro-batch per rank; unset: as many steps as "
-                          "padded batches of per_device_train_batch_size would take"},
+        metadata={
+            "help": "token budget of one micro-batch per rank; unset: as many steps as "
+            "padded batches of per_device_train_batch_size would take"
+        },
     )
     oversize: Literal["error", "report"] = field(
         default="error",
-        metadata={"help": "an example longer than the budget: stop with an error, or skip it "
-                          "and report it"},
+        metadata={
+            "help": "an example longer than the budget: stop with an error, or skip it "
+            "and report it"
+        },
     )
 
     def __post_init__(self) -> None:
@@ -86,8 +97,14 @@ class MultipackPlugin(AccelerationPlugin):
     name = "multipack"
     config_paths = (MULTIPACK_PATH,)
     config_schema = MultipackConfig
-    flags = (Flag("multipack", MULTIPACK_PATH, "num_processes used to compute lengths, e.g. 16",
-                  fields=("num_processes",)),)
+    flags = (
+        Flag(
+            "multipack",
+            MULTIPACK_PATH,
+            "num_processes used to compute lengths, e.g. 16",
+            fields=("num_processes",),
+        ),
+    )
     requires = ("padding_free",)
     model_types = SUPPORTED_MODEL_TYPES
 
@@ -117,8 +134,11 @@ class MultipackPlugin(AccelerationPlugin):
         plan_line = (
             f"multipack: {len(lengths)} examples, {len(sampler)} steps per epoch, "
             f"{train_args.world_size} rank(s), "
-            + (f"budget {budget} tokens/rank" if budget else
-               f"bins sized like padded batches of {train_args.per_device_train_batch_size}")
+            + (
+                f"budget {budget} tokens/rank"
+                if budget
+                else f"bins sized like padded batches of {train_args.per_device_train_batch_size}"
+            )
         )
         if train_args.process_index == 0:
             print(f"accel: {plan_line}", flush=True)

@@ -7,7 +7,7 @@ every key, as fms-acceleration's did; the plugin merges the two.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from typing import Literal
 
 FastLoss = Literal["cross_entropy", "fused_linear", "fused_ce_liger"]
@@ -16,15 +16,30 @@ BaseLayer = Literal["auto_gptq", "bitsandbytes", "plain"]
 
 @dataclass
 class FusedOpsConfig:
-    #: True picks fused linear cross-entropy (no logits tensor) in training; "cross_entropy"
-    #: keeps the logits and uses the cross-entropy kernel; "fused_ce_liger" = "fused_linear"
-    fast_loss: bool | FastLoss = False
-    fast_rms_layernorm: bool = False
-    fast_rope_embeddings: bool = False
-    fast_swiglu: bool = False
-    #: the kind of layer LoRA adapters sit on: GPTQ (gptqmodel), bitsandbytes 4-bit, or plain
-    base_layer: BaseLayer | None = None
-    fused_lora: bool = False
+    fast_loss: bool | FastLoss = field(
+        default=False,
+        metadata={
+            "help": "true = fused linear cross-entropy (training never builds the logits); "
+            "'cross_entropy' keeps the logits and uses the cross-entropy kernel; "
+            "'fused_ce_liger' = 'fused_linear'"
+        },
+    )
+    fast_rms_layernorm: bool = field(default=False, metadata={"help": "RMSNorm kernel"})
+    fast_rope_embeddings: bool = field(default=False, metadata={"help": "RoPE kernel"})
+    fast_swiglu: bool = field(
+        default=False,
+        metadata={"help": "SwiGLU/GeGLU kernel in gated MLPs (4th --fast_kernels value)"},
+    )
+    base_layer: BaseLayer | None = field(
+        default=None,
+        metadata={
+            "help": "what LoRA adapters sit on: auto_gptq (gptqmodel), bitsandbytes (4-bit) "
+            "or plain; must match the model"
+        },
+    )
+    fused_lora: bool = field(
+        default=False, metadata={"help": "base matmul + LoRA update in one autograd function"}
+    )
 
     def __post_init__(self) -> None:
         if self.fused_lora and self.base_layer is None:

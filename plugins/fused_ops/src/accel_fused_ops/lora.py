@@ -13,8 +13,9 @@ from __future__ import annotations
 
 from collections import Counter
 
-from accel import PatchError
 from torch import nn
+
+from accel import PatchError
 
 BASE_LAYERS = ("plain", "bitsandbytes", "auto_gptq")
 
