@@ -128,7 +128,7 @@ def demo_arguments(assets: DemoAssets) -> dict[str, object]:
         "max_seq_length": 64,
         "output_dir": "accel-demo-output",
         "save_model_dir": "accel-demo-output/model",
-        "num_train_epochs": 2,
+        "num_train_epochs": 3,
         "per_device_train_batch_size": 16,
         "learning_rate": 3e-3,
         "lr_scheduler_type": "cosine",

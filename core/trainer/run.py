@@ -108,6 +108,8 @@ def run(config: TrainConfig, available: Mapping[str, Any]) -> TrainResult:
     if args.eval_strategy != "no" and eval_ds is None:
         args.eval_strategy = transformers.IntervalStrategy.NO
     args.remove_unused_columns = False
+    if not torch.cuda.is_available():
+        args.dataloader_pin_memory = False  # pinning needs an accelerator; avoids a warning
     trainer = AccelTrainer(
         model=model,
         args=args,
@@ -123,7 +125,6 @@ def run(config: TrainConfig, available: Mapping[str, Any]) -> TrainResult:
 
     if trainer.is_world_process_zero():
         print(framework.report(), flush=True)
-        logger.info("\n%s", framework.report())
 
     resume = resolve_resume(args.resume_from_checkpoint, args.output_dir)
     if resume and trainer.is_world_process_zero():
@@ -151,7 +152,7 @@ def run(config: TrainConfig, available: Mapping[str, Any]) -> TrainResult:
         "first_loss": losses[0] if losses else None,
         "final_loss": losses[-1] if losses else output.training_loss,
         "model_saved_to": model_dir or "(not saved: set save_model_dir)",
-        "logs": str(Path(args.output_dir) / "training_logs.jsonl"),
+        "logs": str(Path(args.output_dir).resolve() / "training_logs.jsonl"),
     }
     if trainer.is_world_process_zero():
         print(format_summary(summary), flush=True)
