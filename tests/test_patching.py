@@ -5,24 +5,15 @@ from __future__ import annotations
 import pytest
 import torch
 from plugin_fixtures import infos
-from transformers import GPTBigCodeConfig, GPTBigCodeForCausalLM, LlamaConfig, LlamaForCausalLM
+from transformers import LlamaForCausalLM
 
 from accel import AccelerationFramework, AccelerationPlugin, PatchError, PatchRule, apply_patches
 from accel.patching import set_attribute
+from accel.testing import tiny_model
 
 
 def tiny_llama() -> LlamaForCausalLM:
-    torch.manual_seed(0)
-    return LlamaForCausalLM(
-        LlamaConfig(
-            vocab_size=64,
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-        )
-    )
+    return tiny_model("llama")
 
 
 def doubled_norm(module):
@@ -75,7 +66,7 @@ def test_replace_and_apply_rules_revert():
 
 
 def test_feature_that_patches_nothing_is_an_error_naming_model_and_feature():
-    model = GPTBigCodeForCausalLM(GPTBigCodeConfig(n_embd=32, n_layer=1, n_head=4, vocab_size=64))
+    model = tiny_model("gpt_bigcode")
     rule = PatchRule(
         "rms", "fast_rms_layernorm", module_classes=("LlamaRMSNorm",), forward=doubled_norm
     )

@@ -68,24 +68,15 @@ def build_tokenizer() -> object:
 
 
 def build_model(vocab_size: int) -> object:
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from ..testing import tiny_model
 
-    torch.manual_seed(0)
-    config = LlamaConfig(
+    return tiny_model(
+        "llama",
         vocab_size=vocab_size,
         hidden_size=128,
         intermediate_size=256,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
         max_position_embeddings=256,
-        bos_token_id=2,
-        eos_token_id=3,
-        pad_token_id=0,
-        tie_word_embeddings=False,
     )
-    return LlamaForCausalLM(config)
 
 
 def demo_assets(root: Path | None = None) -> DemoAssets:

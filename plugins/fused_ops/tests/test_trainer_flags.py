@@ -22,27 +22,11 @@ from accel.trainer.run import build_framework, main_from_argv, parse_argv
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A 2-layer Llama (hidden 32) with the demo tokenizer, and 32 cipher examples."""
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    from accel.trainer.demo import build_tokenizer, make_examples
+    from accel.testing import save_tiny_model
+    from accel.trainer.demo import make_examples
 
     root = tmp_path_factory.mktemp("fused-ops-run")
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=64,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=128,
-        bos_token_id=2,
-        eos_token_id=3,
-        pad_token_id=0,
-    )
-    LlamaForCausalLM(config).save_pretrained(root / "model")
-    build_tokenizer().save_pretrained(root / "model")
+    save_tiny_model(root / "model")
     rows = make_examples(32, seed=3)
     (root / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     return root
