@@ -170,3 +170,19 @@ def test_multipack_ddp_every_example_once_per_epoch(models, data, tmp_path):
     first_epoch_rank0 = [i for b in per_rank[0][:half] for i in b]
     second_epoch_rank0 = [i for b in per_rank[0][half:] for i in b]
     assert first_epoch_rank0 != second_epoch_rank0  # a new plan each epoch
+
+
+def test_padding_free_with_template_response_masking_and_grad_accumulation(models, tmp_path):
+    """Untokenized records rendered by data_formatter_template, loss only after the response
+    template, max_seq_length truncation and gradient accumulation: padded and padding-free
+    runs still agree step by step."""
+    from accel.trainer.demo import RESPONSE_TEMPLATE, TEMPLATE, make_examples
+
+    data = write_jsonl(make_examples(48, seed=5), tmp_path / "cipher.jsonl")
+    extra = {"data_formatter_template": TEMPLATE, "response_template": RESPONSE_TEMPLATE,
+             "max_seq_length": 20, "gradient_accumulation_steps": 2, "max_steps": 4}
+    padded = accel.train(args_for(models["llama"], data, tmp_path / "padded", **extra))
+    packed = accel.train(args_for(models["llama"], data, tmp_path / "packed", **extra,
+                                  padding_free=["huggingface"]))
+    assert losses(padded) == pytest.approx(losses(packed), rel=1e-4)
+    assert len(losses(packed)) == 4
