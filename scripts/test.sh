@@ -9,4 +9,5 @@ status=0
 .venv/bin/python -m pytest -q --import-mode=importlib -p no:cacheprovider \
     tests plugins/*/tests "$@" || status=$?
 .venv/bin/ruff check core cli plugins tests benchmarks scripts || status=$?
+.venv/bin/ruff format --check core cli plugins tests benchmarks scripts || status=$?
 exit $status

@@ -179,10 +179,16 @@ def test_padding_free_with_template_response_masking_and_grad_accumulation(model
     from accel.trainer.demo import RESPONSE_TEMPLATE, TEMPLATE, make_examples
 
     data = write_jsonl(make_examples(48, seed=5), tmp_path / "cipher.jsonl")
-    extra = {"data_formatter_template": TEMPLATE, "response_template": RESPONSE_TEMPLATE,
-             "max_seq_length": 20, "gradient_accumulation_steps": 2, "max_steps": 4}
+    extra = {
+        "data_formatter_template": TEMPLATE,
+        "response_template": RESPONSE_TEMPLATE,
+        "max_seq_length": 20,
+        "gradient_accumulation_steps": 2,
+        "max_steps": 4,
+    }
     padded = accel.train(args_for(models["llama"], data, tmp_path / "padded", **extra))
-    packed = accel.train(args_for(models["llama"], data, tmp_path / "packed", **extra,
-                                  padding_free=["huggingface"]))
+    packed = accel.train(
+        args_for(models["llama"], data, tmp_path / "packed", **extra, padding_free=["huggingface"])
+    )
     assert losses(padded) == pytest.approx(losses(packed), rel=1e-4)
     assert len(losses(packed)) == 4
