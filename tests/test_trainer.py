@@ -160,6 +160,7 @@ def test_json_config_file_with_flag_lists(base_args, tmp_path):
         ({"response_template": "### Answer:"}, "response_template '### Answer:' was not found"),
         ({"training_data_path": "/nonexistent/data.jsonl"}, "does not exist"),
         ({"fast_moe": [2]}, "install moe"),
+        ({"eval_strategy": "steps"}, "eval_strategy is 'steps' but there is no validation data"),
     ],
 )
 def test_user_errors(base_args, change, message):

@@ -72,8 +72,13 @@ def run(config: TrainConfig, available: Mapping[str, Any]) -> TrainResult:
         raise ConfigError(
             "training_data_path is required (or pass --demo for the embedded dataset)"
         )
-    framework = build_framework(config, available)
     args = config.training
+    if args.eval_strategy != "no" and not config.data.validation_data_path:
+        raise ConfigError(
+            f"eval_strategy is '{args.eval_strategy.value}' but there is no validation data; "
+            "set validation_data_path or eval_strategy 'no'"
+        )
+    framework = build_framework(config, available)
     _configure_logging(args)
     transformers.set_seed(args.seed)
 
@@ -105,8 +110,6 @@ def run(config: TrainConfig, available: Mapping[str, Any]) -> TrainResult:
     from .callbacks import JsonlLogCallback, PluginSaveCallback
     from .trainer import AccelTrainer
 
-    if args.eval_strategy != "no" and eval_ds is None:
-        args.eval_strategy = transformers.IntervalStrategy.NO
     args.remove_unused_columns = False
     if not torch.cuda.is_available():
         args.dataloader_pin_memory = False  # pinning needs an accelerator; avoids a warning
