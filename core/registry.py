@@ -161,20 +161,19 @@ def plugin_info(
 
 
 def checkout_root() -> Path | None:
-    """The repository checkout this core was installed from, if it is still there."""
-    here = Path(__file__).resolve()
-    candidates = [here.parent.parent, Path.cwd()]
+    """The accel repository checkout this core was installed from, if it is still there
+    (read from pip's ``direct_url.json``; a wheel from an index has none)."""
+    import json
+
     try:
         direct = metadata.distribution("accel").read_text("direct_url.json")
     except metadata.PackageNotFoundError:
-        direct = None
-    if direct:
-        import json
+        return None
+    url = json.loads(direct).get("url", "") if direct else ""
+    if not url.startswith("file://"):
+        return None
+    from urllib.request import url2pathname
 
-        url = json.loads(direct).get("url", "")
-        if url.startswith("file://"):
-            candidates.insert(0, Path(url[len("file://") :]))
-    for root in candidates:
-        if (root / "plugins").is_dir() and (root / "pyproject.toml").is_file():
-            return root
-    return None
+    root = Path(url2pathname(url[len("file://") :]))
+    is_checkout = (root / "plugins").is_dir() and (root / "core" / "framework.py").is_file()
+    return root if is_checkout else None

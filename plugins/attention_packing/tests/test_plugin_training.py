@@ -192,3 +192,41 @@ def test_padding_free_with_template_response_masking_and_grad_accumulation(model
     )
     assert losses(padded) == pytest.approx(losses(packed), rel=1e-4)
     assert len(losses(packed)) == 4
+
+
+def test_multipack_resume_mid_epoch_neither_repeats_nor_skips(models, data, tmp_path, monkeypatch):
+    """Train one epoch with a checkpoint at step 4, then resume a new run from it: the steps
+    before the checkpoint plus the resumed steps see every example exactly once."""
+    from accel_attention_packing import collator as collator_module
+    from trainer_fixtures import identity
+
+    seen: list[list[int]] = []
+    original = collator_module.PaddingFreeCollator.__call__
+
+    def recording(self, features):
+        seen.append([identity(list(f["input_ids"])) for f in features])
+        return original(self, features)
+
+    monkeypatch.setattr(collator_module.PaddingFreeCollator, "__call__", recording)
+    args = args_for(
+        models["llama"],
+        data,
+        tmp_path / "out",
+        padding_free=["huggingface"],
+        multipack=[1],
+        num_train_epochs=1,
+        save_strategy="steps",
+        save_steps=4,
+    )
+    args.pop("max_steps")
+    full = accel.train({**args, "resume_from_checkpoint": "False"})
+    steps = full.summary["train_steps"]
+    assert steps > 4 and sorted(i for b in seen for i in b) == list(range(120))
+    before_checkpoint = seen[:4]
+    seen.clear()
+    resumed = accel.train(
+        {**args, "resume_from_checkpoint": str(tmp_path / "out" / "checkpoint-4")}
+    )
+    assert resumed.summary["train_steps"] == steps
+    assert len(seen) == steps - 4
+    assert sorted(i for b in before_checkpoint + seen for i in b) == list(range(120))
