@@ -114,17 +114,10 @@ def parse_argv(
             "Run `accel train --help` for the list."
         )
     values = vars(namespace)
-    flags = {
-        name: values.pop(name) for name in all_flag_names(available) if values.get(name) is not None
-    }
-    for name in all_flag_names(available):
-        values.pop(name, None)
+    given = {name: values.pop(name, None) for name in all_flag_names(available)}
+    flags = {name: value for name, value in given.items() if value is not None}
     demo = values.pop("demo")
-    objs = []
-    for cls in ARGUMENT_CLASSES:
-        names = {f.name for f in dataclasses.fields(cls) if f.init}
-        objs.append(_construct(cls, {k: v for k, v in values.items() if k in names}))
-    return TrainConfig(*objs, flags=flags, demo=demo)
+    return _assemble(values, flags, demo, "arguments")
 
 
 def read_config_file(path: str) -> dict[str, Any]:
@@ -170,10 +163,17 @@ def parse_mapping(
         value = data.pop(name)
         if value is not None:
             flags[name] = list(value) if isinstance(value, (list, tuple)) else [value]
+    return _assemble(data, flags, demo, origin)
+
+
+def _assemble(
+    values: Mapping[str, Any], flags: dict[str, list[Any]], demo: bool, origin: str
+) -> TrainConfig:
+    """Split ``values`` over the argument dataclasses and build each one."""
     objs = []
     for cls in ARGUMENT_CLASSES:
         names = {f.name for f in dataclasses.fields(cls) if f.init}
-        objs.append(_construct(cls, {k: v for k, v in data.items() if k in names}, origin))
+        objs.append(_construct(cls, {k: v for k, v in values.items() if k in names}, origin))
     return TrainConfig(*objs, flags=flags, demo=demo)
 
 
