@@ -197,8 +197,9 @@ def test_padding_free_with_template_response_masking_and_grad_accumulation(model
 def test_multipack_resume_mid_epoch_neither_repeats_nor_skips(models, data, tmp_path, monkeypatch):
     """Train one epoch with a checkpoint at step 4, then resume a new run from it: the steps
     before the checkpoint plus the resumed steps see every example exactly once."""
-    from accel_attention_packing import collator as collator_module
     from trainer_fixtures import identity
+
+    from accel_attention_packing import collator as collator_module
 
     seen: list[list[int]] = []
     original = collator_module.PaddingFreeCollator.__call__
