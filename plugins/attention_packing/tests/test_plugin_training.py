@@ -231,3 +231,15 @@ def test_multipack_resume_mid_epoch_neither_repeats_nor_skips(models, data, tmp_
     assert resumed.summary["train_steps"] == steps
     assert len(seen) == steps - 4
     assert sorted(i for b in before_checkpoint + seen for i in b) == list(range(120))
+
+
+def test_unsupported_architecture_is_named(tmp_path):
+    """gemma2 is not among the verified architectures: the run stops before loading weights."""
+    from accel.testing import save_tiny_model
+
+    model_dir = save_tiny_model(tmp_path / "gemma2", "gemma2", head_dim=8)
+    data = write_jsonl(identifiable_examples(8), tmp_path / "d.jsonl")
+    with pytest.raises(
+        accel.UnsupportedModelError, match="'padding_free' does not support model_type 'gemma2'"
+    ):
+        accel.train(args_for(model_dir, data, tmp_path / "out", padding_free=["huggingface"]))
