@@ -82,15 +82,3 @@ def _walk(node: Mapping[str, Any], prefix: str, known: set[str], out: dict[str, 
                 f"{where}: unknown key '{key}'.{did_you_mean(str(key), children)} "
                 f"Valid keys here: {', '.join(children)}."
             )
-
-
-def nest(sections: Mapping[str, Any]) -> dict[str, Any]:
-    """Inverse of :func:`collect_sections`: build the ``plugins:`` document from paths."""
-    tree: dict[str, Any] = {}
-    for path, value in sections.items():
-        node = tree
-        *parents, leaf = path.split(".")
-        for part in parents:
-            node = node.setdefault(part, {})
-        node[leaf] = value
-    return {ROOT: tree}
