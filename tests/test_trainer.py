@@ -147,6 +147,19 @@ def test_json_config_file_with_flag_lists(base_args, tmp_path):
     assert cfg.tuning.peft_method == "lora" and cfg.training.max_steps == 4
 
 
+def test_yaml_config_file_with_flag_lists(base_args, tmp_path):
+    import yaml
+
+    path = tmp_path / "args.yaml"
+    path.write_text(yaml.safe_dump({**base_args, "fast_moe": [2], "r": 16}))
+    cfg = parse_argv([str(path)])
+    assert cfg.flags == {"fast_moe": [2]} and cfg.tuning.r == 16
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model_name_or_path: x\nr: [unclosed\n")
+    with pytest.raises(ConfigError, match=r"bad.yaml:\d+: not valid YAML"):
+        parse_argv([str(bad)])
+
+
 @pytest.mark.parametrize(
     ("change", "message"),
     [
