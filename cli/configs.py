@@ -9,7 +9,13 @@ from typing import Any
 from accel.config import collect_sections, load_acceleration_config
 from accel.errors import ConfigError, did_you_mean
 from accel.flags import installed_flags
-from accel.registry import CATALOG, catalog_for_path, discover_plugins, missing_plugin_error
+from accel.registry import (
+    catalog_for_path,
+    discover_plugins,
+    known_paths,
+    missing_plugin_error,
+    path_owners,
+)
 
 
 def sample_dir() -> Path:
@@ -55,9 +61,8 @@ def resolve_config(name: str) -> Path:
 def config_to_flags(path: Path) -> tuple[list[str], list[str]]:
     """Return (flags, paths no flag can express) for an acceleration config file."""
     available = discover_plugins()
-    owners = {p: info for info in available.values() for p in info.cls.config_paths}
-    known = set(owners) | {p for e in CATALOG for p in e.config_paths}
-    sections = collect_sections(load_acceleration_config(path), known)
+    owners = path_owners(available)
+    sections = collect_sections(load_acceleration_config(path), known_paths(owners))
     by_path = {flag.path: flag for flag, _ in installed_flags(available).values()}
     flags, leftover = [], []
     for cfg_path, sub in sections.items():

@@ -29,13 +29,14 @@ from .flags import merge_into
 from .patching import AppliedPatches, apply_patches
 from .plugin import SINGLE_OWNER_HOOKS, AccelerationPlugin
 from .registry import (
-    CATALOG,
     PluginInfo,
     catalog_for_name,
     catalog_for_path,
     discover_plugins,
     install_command,
+    known_paths,
     missing_plugin_error,
+    path_owners,
 )
 from .schema import build_config
 from .version import __version__
@@ -60,10 +61,10 @@ class AccelerationFramework:
     ) -> None:
         self.available = dict(discover_plugins() if available is None else available)
         self.trace = os.environ.get("ACCEL_TRACE", "0") == "1"
-        owners = self._path_owners()
-        known = set(owners) | {p for e in CATALOG for p in e.config_paths}
+        owners = path_owners(self.available)
         merged: dict[str, dict[str, Any]] = {}
-        for path, sub in collect_sections(load_acceleration_config(config), known).items():
+        tree = load_acceleration_config(config)
+        for path, sub in collect_sections(tree, known_paths(owners)).items():
             if not isinstance(sub, Mapping):
                 raise ConfigError(f"plugins.{path}: expected a mapping of options, got {sub!r}")
             merge_into(merged, path, dict(sub), "the config file")
@@ -73,18 +74,6 @@ class AccelerationFramework:
         self.patches: AppliedPatches | None = None
 
     # ------------------------------------------------------------ activation
-    def _path_owners(self) -> dict[str, PluginInfo]:
-        owners: dict[str, PluginInfo] = {}
-        for info in self.available.values():
-            for path in info.cls.config_paths:
-                if path in owners:
-                    raise PluginConflictError(
-                        f"config path '{path}' is claimed by plugins '{owners[path].name}' and "
-                        f"'{info.name}'; uninstall one of them"
-                    )
-                owners[path] = info
-        return owners
-
     def _activate(
         self, sections: Mapping[str, dict[str, Any]], owners: Mapping[str, PluginInfo]
     ) -> list[AccelerationPlugin]:

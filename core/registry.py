@@ -8,6 +8,7 @@ flags) so that a feature whose plugin is missing gets an exact install command.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
@@ -118,6 +119,25 @@ class PluginInfo:
     distribution: str
     version: str
     entry_point: str
+
+
+def path_owners(available: Mapping[str, PluginInfo]) -> dict[str, PluginInfo]:
+    """Which installed plugin each activation path belongs to (a path claimed twice is an error)."""
+    owners: dict[str, PluginInfo] = {}
+    for info in available.values():
+        for path in info.cls.config_paths:
+            if path in owners:
+                raise PluginConflictError(
+                    f"config path '{path}' is claimed by plugins '{owners[path].name}' and "
+                    f"'{info.name}'; uninstall one of them"
+                )
+            owners[path] = info
+    return owners
+
+
+def known_paths(owners: Mapping[str, PluginInfo]) -> set[str]:
+    """Every activation path a config may name: installed plugins' and the catalog's."""
+    return set(owners) | {p for e in CATALOG for p in e.config_paths}
 
 
 def discover_plugins() -> dict[str, PluginInfo]:
