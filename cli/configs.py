@@ -19,7 +19,7 @@ from accel.registry import (
 
 
 def sample_dir() -> Path:
-    return Path(str(resources.files("accel") / "_data" / "configs"))
+    return Path(str(resources.files("accel.configs")))
 
 
 def samples() -> dict[str, Path]:

@@ -186,7 +186,7 @@ def checkout_root() -> Path | None:
     import json
 
     try:
-        direct = metadata.distribution("accel").read_text("direct_url.json")
+        direct = metadata.distribution("accel-core").read_text("direct_url.json")
     except metadata.PackageNotFoundError:
         return None
     url = json.loads(direct).get("url", "") if direct else ""

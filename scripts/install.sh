@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Create .venv (if missing) and install accel with every plugin of this checkout.
+# Create .venv (if missing) and install accel with every plugin of this checkout, editable:
+# changes to core/, cli/ and plugins/*/src take effect without reinstalling.
 # Usage: bash scripts/install.sh [extra requirement files...]
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -12,4 +13,8 @@ PIP=(.venv/bin/python -m pip --disable-pip-version-check -q)
 # torch first, from the CPU wheel; everything else under the constraints file, so that no
 # package can drag in a CUDA build of torch.
 "${PIP[@]}" install "torch==2.13.0"
-"${PIP[@]}" install -c requirements/constraints.txt ".[all]" "$@"
+PLUGINS=()
+for dir in plugins/*/; do
+    PLUGINS+=(-e "$dir")
+done
+"${PIP[@]}" install -c requirements/constraints.txt -e ".[all]" "${PLUGINS[@]}" "$@"

@@ -8,6 +8,5 @@ export TRITON_INTERPRET=1 TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1
 status=0
 .venv/bin/ruff check core cli plugins tests benchmarks scripts || status=$?
 .venv/bin/ruff format --check core cli plugins tests benchmarks scripts || status=$?
-.venv/bin/python -m pytest -q --import-mode=importlib -p no:cacheprovider \
-    tests plugins/*/tests "$@" || status=$?
+.venv/bin/python -m pytest -q "$@" || status=$?
 exit $status

@@ -20,7 +20,7 @@ build-backend = "setuptools.build_meta"
 [project]
 name = "accel-hello"
 version = "1.2.3"
-dependencies = ["accel"]
+dependencies = ["accel-core"]
 
 [project.entry-points."accel.plugins"]
 hello = "accel_hello:HelloPlugin"

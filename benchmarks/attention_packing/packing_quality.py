@@ -17,14 +17,9 @@ import argparse
 import datetime
 import os
 import platform
-import sys
 import time
 
 import numpy as np
-
-sys.path.insert(
-    0, os.path.join(os.path.dirname(__file__), "..", "..", "plugins", "attention_packing", "src")
-)
 
 from accel_attention_packing.multipack import plan_epoch  # noqa: E402
 

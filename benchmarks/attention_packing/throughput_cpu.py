@@ -31,11 +31,6 @@ import time
 
 import numpy as np
 import torch
-
-sys.path.insert(
-    0, os.path.join(os.path.dirname(__file__), "..", "..", "plugins", "attention_packing", "src")
-)
-
 import transformers  # noqa: E402
 
 from accel_attention_packing.attention import (  # noqa: E402

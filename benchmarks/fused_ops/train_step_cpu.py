@@ -164,7 +164,7 @@ def _run(args: argparse.Namespace, config: str) -> dict:
 def _versions() -> str:
     from importlib import metadata
 
-    names = ("torch", "transformers", "peft", "triton", "accel", "accel-fused-ops")
+    names = ("torch", "transformers", "peft", "triton", "accel-core", "accel-fused-ops")
     found = []
     for name in names:
         with contextlib.suppress(metadata.PackageNotFoundError):

@@ -8,8 +8,6 @@ import os
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).parent))
-
 from trainer_fixtures import identity  # noqa: E402
 
 import accel  # noqa: E402
