@@ -128,7 +128,7 @@ def test_resume_from_newest_complete_checkpoint(base_args):
     assert (out / "checkpoint-4" / "trainer_state.json").is_file()
     # a half-written newer checkpoint must not be picked
     (out / "checkpoint-9").mkdir()
-    from accel.trainer.run import resolve_resume
+    from accel.trainer.checkpoints import resolve_resume
 
     assert resolve_resume(None, str(out)) == str(out / "checkpoint-4")
     assert resolve_resume("False", str(out)) is None

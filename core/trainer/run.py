@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
-import shutil
 import sys
 import time
 from collections.abc import Mapping, Sequence
@@ -23,7 +21,9 @@ from ..errors import ConfigError
 from ..flags import sections_from_flags
 from ..framework import AccelerationFramework
 from ..registry import discover_plugins
+from .checkpoints import resolve_resume
 from .parsing import TrainConfig, parse_argv, parse_mapping
+from .saving import save_model_atomically
 
 logger = logging.getLogger("accel")
 
@@ -222,53 +222,3 @@ def _datasets(
                 eval_raw, tokenizer, config.data, config.data.validation_data_path
             )
     return train_ds, eval_ds
-
-
-def resolve_resume(value: Any, output_dir: str) -> str | None:
-    """``None``/"true": newest complete checkpoint in output_dir (if any); "false": none;
-    anything else: that checkpoint path, which must exist."""
-    text = str(value).strip().lower() if value is not None else ""
-    if text in ("false", "no", "0"):
-        return None
-    if text in ("", "true", "yes", "1", "none"):
-        return newest_checkpoint(output_dir)
-    if not Path(value).is_dir():
-        raise ConfigError(f"resume_from_checkpoint '{value}' is not a checkpoint directory")
-    return str(value)
-
-
-def newest_checkpoint(output_dir: str) -> str | None:
-    """The highest-numbered ``checkpoint-N`` that was completely written (has trainer_state.json)."""
-    root = Path(output_dir)
-    if not root.is_dir():
-        return None
-    found = []
-    for path in root.glob("checkpoint-*"):
-        suffix = path.name.split("-", 1)[1]
-        if suffix.isdigit() and (path / "trainer_state.json").is_file():
-            found.append((int(suffix), path))
-    return str(max(found)[1]) if found else None
-
-
-def save_model_atomically(trainer: Any, target: str) -> str:
-    """Save the final model (and tokenizer) into ``target`` without ever leaving it half-written:
-    write to a sibling temporary folder, then swap it in; an existing model there is replaced
-    only once the new one is complete."""
-    final = Path(target).resolve()
-    staging = final.with_name(f".{final.name}.tmp")
-    if trainer.is_world_process_zero() and staging.exists():
-        shutil.rmtree(staging)
-    trainer.accelerator.wait_for_everyone()
-    trainer.save_model(str(staging))  # every rank calls it: FSDP gathers the weights
-    trainer.accelerator.wait_for_everyone()
-    if trainer.is_world_process_zero():
-        final.parent.mkdir(parents=True, exist_ok=True)
-        old = final.with_name(f".{final.name}.old")
-        if final.exists():
-            if old.exists():
-                shutil.rmtree(old)
-            os.replace(final, old)
-        os.replace(staging, final)
-        shutil.rmtree(old, ignore_errors=True)
-    trainer.accelerator.wait_for_everyone()
-    return str(final)
