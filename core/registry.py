@@ -181,19 +181,21 @@ def plugin_info(
 
 
 def checkout_root() -> Path | None:
-    """The accel repository checkout this core was installed from, if it is still there
-    (read from pip's ``direct_url.json``; a wheel from an index has none)."""
+    """The accel repository checkout this core comes from, if it is still there: the folder
+    above ``core/`` for an editable install, else the one named in pip's ``direct_url.json``
+    (a wheel from an index has none)."""
     import json
 
-    try:
-        direct = metadata.distribution("accel-core").read_text("direct_url.json")
-    except metadata.PackageNotFoundError:
-        return None
-    url = json.loads(direct).get("url", "") if direct else ""
-    if not url.startswith("file://"):
-        return None
-    from urllib.request import url2pathname
+    here = Path(__file__).resolve().parent
+    candidates = [here.parent] if here.name == "core" else []
+    for dist in metadata.distributions(name="accel-core"):
+        direct = dist.read_text("direct_url.json")
+        url = json.loads(direct).get("url", "") if direct else ""
+        if url.startswith("file://"):
+            from urllib.request import url2pathname
 
-    root = Path(url2pathname(url[len("file://") :]))
-    is_checkout = (root / "plugins").is_dir() and (root / "core" / "framework.py").is_file()
-    return root if is_checkout else None
+            candidates.append(Path(url2pathname(url[len("file://") :])))
+    for root in candidates:
+        if (root / "plugins").is_dir() and (root / "core" / "framework.py").is_file():
+            return root
+    return None
