@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
+from typing import NoReturn
 
 from accel.version import __version__
 
@@ -21,13 +22,42 @@ COMMANDS = {
 }
 
 
+class _Parser(argparse.ArgumentParser):
+    """Errors are one ``accel: error:`` line (a ConfigError), not a usage dump; no
+    abbreviations (``--dry`` is not ``--dry-run``), the same as in config files."""
+
+    def __init__(self, **kwargs: object) -> None:
+        super().__init__(allow_abbrev=False, **kwargs)  # type: ignore[arg-type]
+
+    def error(self, message: str) -> NoReturn:
+        from accel.errors import raise_argparse_error
+
+        raise_argparse_error(message, self.prog)
+
+    def parse_args(self, args: Sequence[str] | None = None, namespace: object = None) -> object:  # type: ignore[override]
+        """Unknown arguments are named with the closest option of the chosen subcommand."""
+        from accel.errors import ConfigError, did_you_mean
+
+        parsed, extra = self.parse_known_args(args, namespace)  # type: ignore[arg-type]
+        if not extra:
+            return parsed
+        command = getattr(parsed, "command", None)
+        parser = self._subparsers_action.choices.get(command, self) if command else self
+        options = [o for o in parser._option_string_actions if o.startswith("--")]
+        raise ConfigError(
+            f"unknown argument '{extra[0]}'.{did_you_mean(extra[0], options)} "
+            f"Run `{parser.prog} --help` for the options."
+        )
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="accel",
         description="Plugin-based acceleration for fine-tuning LLMs with Hugging Face.",
     )
     parser.add_argument("--version", action="version", version=f"accel {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    parser._subparsers_action = sub
     plugins = sub.add_parser("plugins", help=COMMANDS["plugins"], description=COMMANDS["plugins"])
     plugins.add_argument("--json", action="store_true", help="machine-readable output")
     install = sub.add_parser("install", help=COMMANDS["install"], description=COMMANDS["install"])
@@ -48,20 +78,25 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from accel.quiet import silence_library_noise
+
+    silence_library_noise()
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "train":  # the trainer parses its own (large) argument set
         return _run("train", argv[1:])
-    args = build_parser().parse_args(argv)
-    if args.command is None:
-        build_parser().print_help()
-        return 0
-    return _run(args.command, args)
+    return _run(None, argv)
 
 
-def _run(command: str, args: object) -> int:
+def _run(command: str | None, args: object) -> int:
     from accel.errors import AccelError
 
     try:
+        if command is None:
+            args = build_parser().parse_args(args)  # type: ignore[arg-type]
+            command = args.command  # type: ignore[attr-defined]
+            if command is None:
+                build_parser().print_help()
+                return 0
         if command == "train":
             from .train import run_train
 

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import difflib
+import re
 from collections.abc import Iterable
+from typing import NoReturn
 
 
 class AccelError(Exception):
@@ -35,6 +37,66 @@ class PatchError(AccelError):
 
 
 def did_you_mean(word: str, choices: Iterable[str]) -> str:
-    """Return ``" Did you mean 'x'?"`` for the closest choice, or an empty string."""
-    close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
+    """Return ``" Did you mean 'x'?"`` for the closest choice (or the shortest choice that
+    ``word`` begins, so a cut-off name such as ``resume`` still finds its option), or ``""``."""
+    choices = list(choices)
+    close = difflib.get_close_matches(word, choices, n=1, cutoff=0.6)
+    if not close and len(word) >= 3:
+        close = sorted((c for c in choices if c.startswith(word)), key=len)[:1]
     return f" Did you mean '{close[0]}'?" if close else ""
+
+
+_TYPE_WORDS = {
+    "float": "a number",
+    "int": "an integer",
+    "string_to_bool": "true or false",
+}
+_ARGPARSE_MESSAGES = (
+    # argument --x: invalid choice: 'v' (choose from 'a', 'b')
+    (
+        re.compile(
+            r"argument (?P<arg>\S+): invalid choice: (?P<value>.+) \(choose from (?P<choices>.*)\)$"
+        ),
+        "choice",
+    ),
+    (re.compile(r"argument (?P<arg>\S+): invalid (?P<type>\w+) value: (?P<value>.+)$"), "type"),
+    (re.compile(r"argument (?P<arg>\S+): Truthy value expected: got (?P<value>\S+) .*$"), "bool"),
+    (re.compile(r"argument (?P<arg>\S+): expected (?P<count>.+) arguments?$"), "count"),
+    (re.compile(r"argument (?P<arg>\S+): ignored explicit argument (?P<value>.+)$"), "explicit"),
+    (re.compile(r"argument (?P<arg>\S+): (?P<detail>.+)$"), "other"),
+)
+
+
+def argparse_message(message: str, prog: str) -> str:
+    """Rewrite an argparse error as one line naming the flag, the value and the fix."""
+    hint = f" Run `{prog} --help` for the options."
+    for pattern, kind in _ARGPARSE_MESSAGES:
+        match = pattern.match(message)
+        if not match:
+            continue
+        arg = match["arg"].split("/")[0]
+        if kind == "choice":
+            choices = [c.strip().strip("'") for c in match["choices"].split(",")]
+            value = match["value"].strip("'")
+            return (
+                f"{arg}: got '{value}', expected one of {match['choices']}."
+                f"{did_you_mean(value, choices)}"
+            )
+        if kind == "type":
+            expected = _TYPE_WORDS.get(match["type"], f"a {match['type']} value")
+            return f"{arg}: got {match['value']}, expected {expected}.{hint}"
+        if kind == "bool":
+            return f"{arg}: got '{match['value']}', expected true or false.{hint}"
+        if kind == "count":
+            return f"{arg} needs a value ({match['count']} argument).{hint}"
+        if kind == "explicit":
+            return f"{arg} takes no value (got {match['value']}): pass {arg} alone.{hint}"
+        return f"{arg}: {match['detail']}.{hint}"
+    if message.startswith("ambiguous option:"):
+        return f"{message}: spell the option out in full.{hint}"
+    return f"{message}.{hint}"
+
+
+def raise_argparse_error(message: str, prog: str) -> NoReturn:
+    """``argparse.ArgumentParser.error`` for accel's parsers: a ConfigError, no usage dump."""
+    raise ConfigError(argparse_message(message, prog))
