@@ -13,7 +13,7 @@ from .version import __version__
 
 _EXPORTS = {
     "AccelerationPlugin": "plugin",
-    "Flag": "plugin",
+    "Flag": "flags",
     "AccelerationFramework": "framework",
     "PatchRule": "patching",
     "AppliedPatches": "patching",

@@ -22,6 +22,8 @@ def read_yaml(path: str | Path) -> Any:
     import yaml
 
     path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"config file '{path}' is a directory, not a file")
     if not path.is_file():
         raise ConfigError(f"config file '{path}' does not exist")
     try:
@@ -32,14 +34,23 @@ def read_yaml(path: str | Path) -> Any:
         raise ConfigError(f"{where}: not valid YAML: {getattr(err, 'problem', err)}") from None
 
 
-def load_acceleration_config(source: str | Path | Mapping[str, Any] | None) -> dict[str, Any]:
-    """Return the mapping under ``plugins:`` (empty when ``source`` is None)."""
-    if source is None:
-        return {}
+def load_acceleration_config(source: str | Path | Mapping[str, Any]) -> tuple[dict[str, Any], str]:
+    """Return the mapping under ``plugins:`` and where it came from (for messages).
+
+    ``source`` is a YAML file, the name of a sample config (``accel configs``), or a mapping
+    with a ``plugins:`` root. An empty file, a missing or bare ``plugins:`` key, and an empty
+    mapping are errors rather than "no acceleration": the user passed this config to switch
+    something on, and training without any plugin would look like success.
+    """
     origin = "acceleration config"
     if isinstance(source, (str, Path)):
-        origin = str(source)
-        source = read_yaml(source) or {}
+        from .samples import resolve_config_file
+
+        path = resolve_config_file(source)
+        origin = f"acceleration config '{path}'"
+        source = read_yaml(path)
+        if source is None:
+            raise ConfigError(f"{origin} is empty; {_NEEDS}")
     if not isinstance(source, Mapping):
         raise ConfigError(f"{origin}: expected a mapping with a '{ROOT}:' key, got {source!r}")
     extra = [k for k in source if k != ROOT]
@@ -48,10 +59,19 @@ def load_acceleration_config(source: str | Path | Mapping[str, Any] | None) -> d
             f"{origin}: unknown top-level key '{extra[0]}'; an acceleration config has a single "
             f"'{ROOT}:' key.{did_you_mean(str(extra[0]), [ROOT])}"
         )
-    tree = source.get(ROOT) or {}
+    tree = source.get(ROOT)
+    if not tree:
+        what = f"has no '{ROOT}:' key" if ROOT not in source else f"has an empty '{ROOT}:'"
+        raise ConfigError(f"{origin} {what}; {_NEEDS}")
     if not isinstance(tree, Mapping):
         raise ConfigError(f"{origin}: '{ROOT}' must be a mapping, got {tree!r}")
-    return dict(tree)
+    return dict(tree), origin
+
+
+_NEEDS = (
+    f"it must name at least one plugin config path under '{ROOT}:' (e.g. "
+    f"{ROOT}.training.fused_ops_and_kernels); `accel configs` lists samples"
+)
 
 
 def collect_sections(tree: Mapping[str, Any], known_paths: Iterable[str]) -> dict[str, Any]:

@@ -1,73 +1,81 @@
 """Command-line flags that switch plugins on (fms-hf-tuning's names).
 
-Installed plugins declare their flags (:class:`accel.Flag`); the first-party catalog names
-the flags of plugins that are not installed so that using one gives the install command.
-Every flag maps to one config path, so flags for the same plugin compose: for example
-``--fast_kernels`` and ``--fused_lora`` fill two different paths of ``fused_ops``.
+A plugin declares its flags as :class:`Flag` objects. Every flag fills one config path, so
+flags of one plugin compose: ``--fast_kernels`` and ``--fused_lora`` fill two different paths
+of ``fused_ops``. A flag only maps its positional values to keys: the values keep the types
+they arrived with (strings from the command line, booleans and numbers from JSON or
+``accel.train``) and the plugin's schema converts them once (:mod:`accel.sources`).
+
+This module imports nothing but the errors, so :mod:`accel.plugin` can use it.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import dataclasses
+from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from .errors import ConfigError
-from .plugin import Flag
-from .registry import CATALOG, PluginInfo, catalog_for_flag, missing_plugin_error
 
 
-def installed_flags(available: Mapping[str, PluginInfo]) -> dict[str, tuple[Flag, PluginInfo]]:
-    table: dict[str, tuple[Flag, PluginInfo]] = {}
-    for info in available.values():
-        for flag in info.cls.flags:
-            if flag.name in table:
-                other = table[flag.name][1]
-                raise ConfigError(
-                    f"flag --{flag.name} is declared by two plugins: '{other.name}' "
-                    f"({other.distribution}) and '{info.name}' ({info.distribution})"
-                )
-            table[flag.name] = (flag, info)
-    return table
+@dataclass(frozen=True)
+class Flag:
+    """A command-line flag that activates a plugin (``--fast_kernels True True True``).
 
+    Positional values fill ``fields`` of the config at ``path`` in order. ``nargs`` lists the
+    accepted value counts when trailing fields are optional (``(3, 4)``: the 4th may be left
+    out); by default every field takes a value.
+    """
 
-def all_flag_names(available: Mapping[str, PluginInfo]) -> list[str]:
-    names = set(installed_flags(available))
-    names.update(f for entry in CATALOG for f in entry.flags)
-    return sorted(names)
+    name: str
+    path: str
+    help: str
+    fields: tuple[str, ...] = ()
+    nargs: tuple[int, ...] | None = None
 
+    def value_counts(self) -> tuple[int, ...]:
+        return self.nargs if self.nargs is not None else (len(self.fields),)
 
-def sections_from_flags(
-    values: Mapping[str, Sequence[Any] | Any | None], available: Mapping[str, PluginInfo]
-) -> dict[str, dict[str, Any]]:
-    """Turn ``{flag: values}`` into ``{config path: sub-config}``; ``None`` values are unset."""
-    table = installed_flags(available)
-    sections: dict[str, dict[str, Any]] = {}
-    for name, raw in values.items():
-        if raw is None:
-            continue
-        if name not in table:
-            entry = catalog_for_flag(name)
-            if entry is not None:
-                raise missing_plugin_error(f"--{name}", entry)
-            raise ConfigError(f"unknown acceleration flag --{name}")
-        flag, _ = table[name]
-        items = list(raw) if isinstance(raw, (list, tuple)) else [raw]
-        sub = flag.to_config(items)
-        if sub is None:
-            continue
-        merge_into(sections, flag.path, dict(sub), f"--{name}")
-    return sections
+    def usage(self) -> str:
+        """``--name field1 field2 [field3]``, optional trailing fields in brackets."""
+        shortest = min(self.value_counts())
+        names = [f if i < shortest else f"[{f}]" for i, f in enumerate(self.fields)]
+        return " ".join([f"--{self.name}", *names])
 
-
-def merge_into(
-    sections: dict[str, dict[str, Any]], path: str, sub: dict[str, Any], origin: str
-) -> None:
-    """Merge ``sub`` into ``sections[path]``; two sources giving one key different values is an error."""
-    current = sections.setdefault(path, {})
-    for key, value in sub.items():
-        if key in current and current[key] != value:
+    def to_config(self, values: Sequence[Any]) -> dict[str, Any]:
+        """The keys the values set at ``self.path``, values unchanged (the schema types them)."""
+        values = list(values)
+        counts = self.value_counts()
+        if len(values) not in counts:
+            expected = " or ".join(str(c) for c in counts)
             raise ConfigError(
-                f"{origin} sets plugins.{path}.{key}={value!r}, but it is already set to "
-                f"{current[key]!r} elsewhere (config file or another flag); give one value"
+                f"--{self.name}: got {len(values)} value(s) {values}, expected {expected}: "
+                f"{self.usage()}"
             )
-        current[key] = value
+        return dict(zip(self.fields, values))
+
+    def to_values(self, config: Any) -> list[str] | None:
+        """The command-line values that give the validated ``config`` (a schema instance), or
+        ``None`` when an option outside this flag's fields differs from its default."""
+        if not dataclasses.is_dataclass(config):
+            return None
+        for f in dataclasses.fields(config):
+            if f.name in self.fields or not f.init:
+                continue
+            if f.default is not dataclasses.MISSING:
+                default = f.default
+            elif f.default_factory is not dataclasses.MISSING:
+                default = f.default_factory()
+            else:
+                return None
+            if getattr(config, f.name) != default:
+                return None
+        return [_word(getattr(config, name)) for name in self.fields]
+
+
+def _word(value: Any) -> str:
+    """One value as the command line spells it (the schema reads it back to the same value)."""
+    if isinstance(value, (list, tuple)):
+        return ",".join(_word(v) for v in value)
+    return str(value)

@@ -10,7 +10,7 @@ import dataclasses
 import logging
 import os
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -18,14 +18,12 @@ from typing import Any
 from packaging.requirements import InvalidRequirement, Requirement
 from packaging.specifiers import SpecifierSet
 
-from .config import collect_sections, load_acceleration_config
 from .errors import (
     ConfigError,
     PluginConflictError,
     PluginRequirementError,
     UnsupportedModelError,
 )
-from .flags import merge_into
 from .patching import AppliedPatches, apply_patches
 from .plugin import SINGLE_OWNER_HOOKS, AccelerationPlugin
 from .registry import (
@@ -34,11 +32,11 @@ from .registry import (
     catalog_for_path,
     discover_plugins,
     install_command,
-    known_paths,
     missing_plugin_error,
     path_owners,
 )
 from .schema import build_config
+from .sources import Source, gather_sources, merge_sources
 from .version import __version__
 
 logger = logging.getLogger("accel")
@@ -47,10 +45,33 @@ logger = logging.getLogger("accel")
 class AccelerationFramework:
     """Activates the plugins named by an acceleration config and runs their stages.
 
-    ``config`` is a YAML path or a mapping with a ``plugins:`` root (fms-acceleration
-    layout); ``sections`` adds ``{path: sub-config}`` from command-line flags.
+    ``config`` is a YAML path, a sample name or a mapping with a ``plugins:`` root
+    (fms-acceleration layout); ``sections`` adds ``{path: sub-config}`` from command-line
+    flags; ``sources`` adds more (see :meth:`from_sources`, which a run uses).
     ``available`` replaces entry-point discovery (tests, embedding).
     """
+
+    @classmethod
+    def from_sources(
+        cls,
+        acceleration_config: str | Path | Mapping[str, Any] | None = None,
+        *,
+        plugins: Mapping[str, Any] | None = None,
+        flags: Mapping[str, Any] | None = None,
+        available: Mapping[str, PluginInfo] | None = None,
+    ) -> AccelerationFramework:
+        """The framework of one run, from every place plugin options come from.
+
+        ``acceleration_config``: a YAML file, sample name or mapping (``plugins:`` root);
+        ``plugins``: the run config's ``plugins:`` tree; ``flags``: ``{flag name: values}``.
+        They are merged by :func:`accel.sources.merge_sources`: the same key from two of them
+        must have the same typed value.
+        """
+        available = discover_plugins() if available is None else available
+        found = gather_sources(
+            acceleration_config, plugins=plugins, flags=flags, available=available
+        )
+        return cls(available=available, sources=found)
 
     def __init__(
         self,
@@ -58,18 +79,13 @@ class AccelerationFramework:
         *,
         sections: Mapping[str, Mapping[str, Any]] | None = None,
         available: Mapping[str, PluginInfo] | None = None,
+        sources: Sequence[Source] = (),
     ) -> None:
         self.available = dict(discover_plugins() if available is None else available)
         self.trace = os.environ.get("ACCEL_TRACE", "0") == "1"
         owners = path_owners(self.available)
-        merged: dict[str, dict[str, Any]] = {}
-        tree = load_acceleration_config(config)
-        for path, sub in collect_sections(tree, known_paths(owners)).items():
-            if not isinstance(sub, Mapping):
-                raise ConfigError(f"plugins.{path}: expected a mapping of options, got {sub!r}")
-            merge_into(merged, path, dict(sub), "the config file")
-        for path, sub in (sections or {}).items():
-            merge_into(merged, path, dict(sub), "a flag")
+        given = gather_sources(config, sections=sections, available=self.available)
+        merged = merge_sources([*given, *sources], self.available)
         self.plugins = self._activate(merged, owners)
         self.patches: AppliedPatches | None = None
 

@@ -8,11 +8,11 @@ resolved plugin order. Hooks a plugin does not override are never called.
 
 from __future__ import annotations
 
-import dataclasses
 import difflib
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any, ClassVar
+
+from .flags import Flag
 
 if TYPE_CHECKING:
     from .patching import PatchRule
@@ -24,67 +24,6 @@ CHAINED_HOOKS = ("augment_model", "prepare_dataset")
 #: Hooks whose results (or side effects) are joined across every plugin.
 FANOUT_HOOKS = ("patch_rules", "callbacks", "on_save", "export", "report_lines")
 HOOKS = SINGLE_OWNER_HOOKS + CHAINED_HOOKS + FANOUT_HOOKS
-
-
-@dataclass(frozen=True)
-class Flag:
-    """A command-line flag that activates a plugin (``--fast_kernels True True True``).
-
-    Positional values fill ``fields`` of the config at ``path`` in order; ``fixed`` adds
-    constant keys. ``convert`` replaces that default mapping for flags with their own
-    grammar; it returns the sub-config, or ``None`` when the values switch the feature off.
-    """
-
-    name: str
-    path: str
-    help: str
-    fields: tuple[str, ...] = ()
-    fixed: Mapping[str, Any] = field(default_factory=dict)
-    metavar: tuple[str, ...] | None = None
-    convert: Callable[[list[str]], Mapping[str, Any] | None] | None = None
-    #: accepted value counts; ``None`` means exactly ``len(fields)``
-    nargs: tuple[int, ...] | None = None
-    #: inverse of ``convert`` for ``accel arguments``: sub-config -> values, or None
-    from_config: Callable[[Mapping[str, Any]], list[str] | None] | None = None
-
-    def value_counts(self) -> tuple[int, ...]:
-        return self.nargs if self.nargs is not None else (len(self.fields),)
-
-    def to_config(self, values: Sequence[Any]) -> Mapping[str, Any] | None:
-        """Map the flag's values to the sub-config at ``self.path`` (not yet validated)."""
-        values = [str(v) if isinstance(v, bool) else v for v in values]
-        counts = self.value_counts()
-        if len(values) not in counts:
-            from .errors import ConfigError
-
-            expected = " or ".join(str(c) for c in counts)
-            names = " ".join(self.metavar or self.fields)
-            raise ConfigError(
-                f"--{self.name}: got {len(values)} value(s) {list(values)}, expected {expected}: "
-                f"--{self.name} {names}"
-            )
-        if self.convert is not None:
-            return self.convert([str(v) for v in values])
-        return {**self.fixed, **dict(zip(self.fields, values))}
-
-    def to_values(self, sub: Mapping[str, Any], schema: type | None) -> list[str] | None:
-        """The flag values that produce ``sub``, or ``None`` when this flag cannot express it."""
-        if self.from_config is not None or self.convert is not None:
-            return self.from_config(sub) if self.from_config is not None else None
-        if set(sub) - set(self.fields) - set(self.fixed):
-            return None
-        if any(k in sub and sub[k] != v for k, v in self.fixed.items()):
-            return None
-        defaults = {}
-        if schema is not None:
-            defaults = {f.name: f.default for f in dataclasses.fields(schema)}
-        values = []
-        for name in self.fields:
-            value = sub.get(name, defaults.get(name, dataclasses.MISSING))
-            if value is dataclasses.MISSING:
-                return None
-            values.append(str(value))
-        return values
 
 
 class AccelerationPlugin:

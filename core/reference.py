@@ -41,8 +41,10 @@ def plugin_section(info: PluginInfo) -> list[str]:
     if cls.requires:
         lines += [f"- requires: {', '.join(cls.requires)}"]
     for flag in cls.flags:
-        names = " ".join(flag.metavar or flag.fields)
-        lines += [f"- flag `--{flag.name} {names}` → `plugins.{flag.path}` — {flag.help}"]
+        lines += [f"- flag `{flag.usage()}` → `plugins.{flag.path}` — {flag.help}"]
+    schemas = [cls.schema_for(p) for p in cls.config_paths]
+    if any(callable(getattr(s, "enables_nothing", None)) for s in schemas):
+        lines += ["- a section that switches nothing on (every option off) is an error"]
     lines.append("")
     for path in cls.config_paths:
         lines += [f"`plugins.{path}`:", ""]

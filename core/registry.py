@@ -13,7 +13,8 @@ from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 
-from .errors import AccelError, PluginConflictError, PluginNotInstalledError
+from .errors import AccelError, ConfigError, PluginConflictError, PluginNotInstalledError
+from .flags import Flag
 from .plugin import AccelerationPlugin
 
 ENTRY_POINT_GROUP = "accel.plugins"
@@ -133,6 +134,28 @@ def path_owners(available: Mapping[str, PluginInfo]) -> dict[str, PluginInfo]:
                 )
             owners[path] = info
     return owners
+
+
+def installed_flags(available: Mapping[str, PluginInfo]) -> dict[str, tuple[Flag, PluginInfo]]:
+    """``{flag name: (flag, plugin)}`` of the installed plugins (a name declared twice is an error)."""
+    table: dict[str, tuple[Flag, PluginInfo]] = {}
+    for info in available.values():
+        for flag in info.cls.flags:
+            if flag.name in table:
+                other = table[flag.name][1]
+                raise ConfigError(
+                    f"flag --{flag.name} is declared by two plugins: '{other.name}' "
+                    f"({other.distribution}) and '{info.name}' ({info.distribution})"
+                )
+            table[flag.name] = (flag, info)
+    return table
+
+
+def all_flag_names(available: Mapping[str, PluginInfo]) -> list[str]:
+    """Installed plugins' flags and the catalog's (whose use answers with the install command)."""
+    names = set(installed_flags(available))
+    names.update(f for entry in CATALOG for f in entry.flags)
+    return sorted(names)
 
 
 def known_paths(owners: Mapping[str, PluginInfo]) -> set[str]:

@@ -3,7 +3,8 @@
 A plugin declares its config as a dataclass; :func:`build_config` turns the user's mapping
 into an instance, rejecting unknown keys (with the valid keys and the closest match), wrong
 types and values outside a ``Literal``. ``coerce=True`` also accepts strings, which is how
-values arrive from command-line flags (``--fast_kernels True True True``).
+values arrive from command-line flags (``--fast_kernels True True True``); without it (YAML,
+JSON, Python) a value must already have its type: ``fast_loss: "true"`` is an error.
 """
 
 from __future__ import annotations
@@ -105,6 +106,8 @@ def _convert(value: Any, tp: Any, where: str, coerce: bool) -> Any:
             return value
         raise ConfigError(f"{where}: got {value!r}, expected a string")
     if dataclasses.is_dataclass(tp):
+        if isinstance(value, tp):
+            return value
         return build_config(tp, value, where, coerce=coerce)
     raise TypeError(f"{where}: unsupported type hint {tp!r} in a config schema")
 
@@ -113,12 +116,13 @@ def schema_fields(schema: type) -> dict[str, dataclasses.Field]:
     return {f.name: f for f in dataclasses.fields(schema) if f.init}
 
 
-def build_config(
+def convert_fields(
     schema: type, data: Mapping[str, Any] | None, where: str, *, coerce: bool = False
-) -> Any:
-    """Validate ``data`` against the dataclass ``schema`` and return an instance.
+) -> dict[str, Any]:
+    """Type-check the keys present in ``data`` against ``schema`` and return them converted.
 
-    ``where`` is the config path used in error messages (e.g. ``plugins.training.moe``).
+    Nothing is constructed (no ``__post_init__``, no required keys checked), so one source's
+    part of a config can be compared with another's before they are merged.
     """
     if data is None:
         data = {}
@@ -134,11 +138,26 @@ def build_config(
                 f"{where}: unknown key '{key}'.{did_you_mean(str(key), fields)} "
                 f"Valid keys: {', '.join(fields)}."
             )
-    values = {}
-    for name, field in fields.items():
-        if name in data:
-            values[name] = _convert(data[name], hints[name], f"{where}.{name}", coerce)
-        elif field.default is dataclasses.MISSING and field.default_factory is dataclasses.MISSING:
+    return {name: _convert(data[name], hints[name], f"{where}.{name}", coerce) for name in data}
+
+
+def build_config(
+    schema: type, data: Mapping[str, Any] | None, where: str, *, coerce: bool = False
+) -> Any:
+    """Validate ``data`` against the dataclass ``schema`` and return an instance.
+
+    ``where`` is the config path used in error messages (e.g. ``plugins.training.moe``).
+    Values that are already of their field's type pass through unchanged, so building
+    from :func:`convert_fields`' output gives the same instance.
+    """
+    values = convert_fields(schema, data, where, coerce=coerce)
+    hints = typing.get_type_hints(schema)
+    for name, field in schema_fields(schema).items():
+        if (
+            name not in values
+            and field.default is dataclasses.MISSING
+            and field.default_factory is dataclasses.MISSING
+        ):
             raise ConfigError(
                 f"{where}: missing required key '{name}' ({describe_type(hints[name])})"
             )

@@ -87,7 +87,11 @@ class TuningArguments:
 @dataclass
 class AccelerationArguments:
     acceleration_config: str | None = field(
-        default=None, metadata={"help": "YAML acceleration config (fms-acceleration layout)."}
+        default=None,
+        metadata={
+            "help": "YAML acceleration config (fms-acceleration layout), or the name of a "
+            "sample from `accel configs` (e.g. fast-kernels)."
+        },
     )
 
 

@@ -16,8 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ConfigError, did_you_mean
-from ..flags import all_flag_names
-from ..registry import PluginInfo, discover_plugins
+from ..registry import PluginInfo, all_flag_names, discover_plugins, installed_flags
 from .arguments import (
     AccelerationArguments,
     DataArguments,
@@ -45,6 +44,8 @@ class TrainConfig:
     training: TrainingArguments
     flags: dict[str, list[Any]] = field(default_factory=dict)
     demo: bool = False
+    #: plugin options in the fms-acceleration layout (the run config's ``plugins:`` key)
+    plugins: dict[str, Any] | None = None
 
 
 def _field_names() -> set[str]:
@@ -72,17 +73,13 @@ def build_parser(available: Mapping[str, PluginInfo] | None = None) -> argparse.
         help="Train the embedded tiny model on the embedded dataset (no download).",
     )
     group = parser.add_argument_group("acceleration flags")
-    from ..flags import installed_flags
-
     declared = installed_flags(available)
     for name in all_flag_names(available):
         flag = declared.get(name, (None, None))[0]
         help_text = (
             flag.help if flag else "(plugin not installed: `accel plugins` says how to add it)"
         )
-        metavar = (
-            tuple(flag.metavar or flag.fields) if flag and (flag.metavar or flag.fields) else None
-        )
+        metavar = flag.fields if flag else None
         group.add_argument(
             f"--{name}",
             nargs="+",
@@ -148,6 +145,10 @@ def parse_mapping(
     flag_names = set(all_flag_names(available))
     fields = _field_names()
     data = dict(data)
+    has_plugins = "plugins" in data
+    plugins = data.pop("plugins", None)
+    if has_plugins and plugins is None:
+        plugins = {}  # a bare `plugins:` is reported as empty, not ignored
     demo = bool(data.pop("demo", False))
     if demo:
         from .demo import demo_arguments, demo_assets
@@ -163,7 +164,9 @@ def parse_mapping(
         value = data.pop(name)
         if value is not None:
             flags[name] = list(value) if isinstance(value, (list, tuple)) else [value]
-    return _assemble(data, flags, demo, origin)
+    config = _assemble(data, flags, demo, origin)
+    config.plugins = plugins
+    return config
 
 
 def _assemble(

@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ConfigError
-from ..flags import sections_from_flags
 from ..framework import AccelerationFramework
 from ..registry import discover_plugins
 from .checkpoints import resolve_resume
@@ -54,9 +53,11 @@ def main_from_argv(argv: Sequence[str]) -> TrainResult:
 
 
 def build_framework(config: TrainConfig, available: Mapping[str, Any]) -> AccelerationFramework:
-    sections = sections_from_flags(config.flags, available)
-    return AccelerationFramework(
-        config.acceleration.acceleration_config, sections=sections, available=available
+    return AccelerationFramework.from_sources(
+        config.acceleration.acceleration_config,
+        plugins=config.plugins,
+        flags=config.flags,
+        available=available,
     )
 
 

@@ -48,6 +48,12 @@ class FusedOpsConfig:
                 "bitsandbytes or plain (flag: --fused_lora <base_layer> True)"
             )
 
+    def enables_nothing(self) -> bool:
+        """True when no kernel is switched on (``--fast_kernels False False False``): the core
+        then refuses the section instead of listing an active plugin that changes nothing."""
+        switches = (self.fast_rms_layernorm, self.fast_rope_embeddings, self.fast_swiglu)
+        return self.fast_loss is False and not any(switches) and not self.fused_lora
+
     def merged(self, other: FusedOpsConfig) -> FusedOpsConfig:
         """Combine the configs of both paths: a switch is on if either path turns it on."""
         default = FusedOpsConfig()

@@ -25,7 +25,7 @@ class FusedOpsPlugin(AccelerationPlugin):
             path=TRAINING_PATH,
             fields=("fast_loss", "fast_rms_layernorm", "fast_rope_embeddings", "fast_swiglu"),
             nargs=(3, 4),
-            help="fast_loss fast_rms_layernorm fast_rope_embeddings [fast_swiglu], e.g. True True True",
+            help="fused loss, RMSNorm and RoPE kernels on/off (4th value: SwiGLU), e.g. True True True",
         ),
         Flag(
             name="fused_lora",

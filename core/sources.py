@@ -1,0 +1,191 @@
+"""Where plugin options come from, and the one place they are merged.
+
+A run's plugin options come from up to three sources: the acceleration config
+(``--acceleration_config``: a YAML file or a sample name), a ``plugins:`` mapping inside the
+run config (run.json / run.yaml / ``accel.train(plugins=...)``), and the acceleration flags
+(``--fast_kernels True True True``). All use fms-acceleration's paths.
+
+Each source's values are type-checked against the plugin's schema *before* merging, so the
+comparison is typed: ``--fast_kernels True True True`` and ``fast_loss: true`` in the YAML
+agree. Two sources giving one key different values is an error naming both.
+
+Flag values are read like command-line words wherever they come from (``"True"`` and
+``true`` both mean true, as in fms-hf-tuning's JSON flag lists); values under ``plugins:``
+must already have their type (``fast_loss: "true"`` is an error), as YAML and JSON can say so.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .config import ROOT, collect_sections, load_acceleration_config
+from .errors import ConfigError
+from .registry import (
+    PluginInfo,
+    catalog_for_flag,
+    catalog_for_path,
+    installed_flags,
+    known_paths,
+    missing_plugin_error,
+    path_owners,
+)
+from .schema import build_config, convert_fields
+
+
+@dataclass(frozen=True)
+class Source:
+    """Options from one place: ``{config path: {key: value}}`` and how to read the values."""
+
+    origin: str  # how messages name it: "--fast_kernels", "acceleration config 'a.yaml'"
+    sections: Mapping[str, Any] = field(default_factory=dict)
+    coerce: bool = False  # values are command-line words (flags)
+
+
+def gather_sources(
+    acceleration_config: str | Path | Mapping[str, Any] | None = None,
+    *,
+    plugins: Mapping[str, Any] | None = None,
+    flags: Mapping[str, Any] | None = None,
+    sections: Mapping[str, Mapping[str, Any]] | None = None,
+    available: Mapping[str, PluginInfo],
+) -> list[Source]:
+    """The sources of one run, in the order their options are merged.
+
+    ``acceleration_config`` is a file, a sample name or a mapping with a ``plugins:`` root;
+    ``plugins`` is the run config's ``plugins:`` tree; ``flags`` maps flag names to their
+    values; ``sections`` is ``{path: sub-config}`` already split from flags.
+    """
+    known = known_paths(path_owners(available))
+    found: list[Source] = []
+    if acceleration_config is not None:
+        tree, origin = load_acceleration_config(acceleration_config)
+        found.append(_tree_source(tree, origin, known))
+    if plugins is not None:
+        origin = f"the run config's '{ROOT}'"
+        if not isinstance(plugins, Mapping):
+            raise ConfigError(f"{origin}: expected a mapping of config paths, got {plugins!r}")
+        if not plugins:
+            raise ConfigError(
+                f"{origin} is empty; name a plugin config path under it (e.g. "
+                f"{ROOT}.training.fused_ops_and_kernels.fast_swiglu) or remove it"
+            )
+        found.append(_tree_source(plugins, origin, known))
+    found.extend(flag_sources(flags or {}, available))
+    if sections:
+        found.append(Source("a flag", dict(sections), coerce=True))
+    return found
+
+
+def _tree_source(tree: Mapping[str, Any], origin: str, known: set[str]) -> Source:
+    try:
+        sections = collect_sections(tree, known)
+    except ConfigError as err:
+        raise ConfigError(f"{origin}: {err}") from None
+    if not sections:
+        raise ConfigError(
+            f"{origin} names no plugin config path under '{ROOT}:'; known paths: "
+            f"{', '.join(sorted(known))}"
+        )
+    return Source(origin, sections)
+
+
+def flag_sources(values: Mapping[str, Any], available: Mapping[str, PluginInfo]) -> list[Source]:
+    """One source per flag given (``None`` = not given); a single value stands for a list."""
+    table = installed_flags(available)
+    found = []
+    for name, raw in values.items():
+        if raw is None:
+            continue
+        if name not in table:
+            entry = catalog_for_flag(name)
+            if entry is not None:
+                raise missing_plugin_error(f"--{name}", entry)
+            raise ConfigError(f"unknown acceleration flag --{name}")
+        flag = table[name][0]
+        items = list(raw) if isinstance(raw, (list, tuple)) else [raw]
+        found.append(Source(f"--{name}", {flag.path: flag.to_config(items)}, coerce=True))
+    return found
+
+
+def merge_sources(
+    sources: Sequence[Source], available: Mapping[str, PluginInfo]
+) -> dict[str, dict[str, Any]]:
+    """``{config path: {key: typed value}}`` from every source, checked and merged.
+
+    Unknown keys and badly typed values are reported with the source that gave them; the
+    same key from two sources must have the same (typed) value; a section whose schema says
+    it switches nothing on is an error (see :func:`check_enables_something`).
+    """
+    owners = path_owners(available)
+    merged: dict[str, dict[str, Any]] = {}
+    given_by: dict[str, dict[str, str]] = {}
+    path_origins: dict[str, list[str]] = {}
+    for source in sources:
+        for path, sub in source.sections.items():
+            typed = _typed(source, path, sub, owners)
+            current = merged.setdefault(path, {})
+            origins = given_by.setdefault(path, {})
+            path_origins.setdefault(path, []).append(source.origin)
+            for key, value in typed.items():
+                if key in current and not _same(current[key], value):
+                    raise ConfigError(
+                        f"plugins.{path}.{key} is {current[key]!r} from {origins[key]} but "
+                        f"{value!r} from {source.origin}; give one value"
+                    )
+                current[key] = value
+                origins.setdefault(key, source.origin)
+    for path, values in merged.items():
+        schema = owners[path].cls.schema_for(path)
+        if schema is not None:
+            check_enables_something(schema, values, path, path_origins[path])
+    return merged
+
+
+def _typed(source: Source, path: str, sub: Any, owners: Mapping[str, PluginInfo]) -> dict:
+    where = f"plugins.{path}"
+    if path not in owners:
+        entry = catalog_for_path(path)
+        if entry is None:
+            raise ConfigError(f"{source.origin}: unknown config path '{where}'")
+        raise missing_plugin_error(f"config path '{where}'", entry)
+    if sub is None:
+        sub = {}
+    if not isinstance(sub, Mapping):
+        raise ConfigError(f"{source.origin}: {where}: expected a mapping of options, got {sub!r}")
+    schema = owners[path].cls.schema_for(path)
+    if schema is None:
+        if sub:
+            raise ConfigError(f"{source.origin}: {where}: takes no options, got {sorted(sub)}")
+        return {}
+    try:
+        return convert_fields(schema, sub, where, coerce=source.coerce)
+    except ConfigError as err:
+        raise ConfigError(f"{source.origin}: {err}") from None
+
+
+def _same(a: Any, b: Any) -> bool:
+    """Equal and of one type (``1`` and ``True`` are different settings)."""
+    return type(a) is type(b) and a == b
+
+
+def check_enables_something(
+    schema: type, values: Mapping[str, Any], path: str, origins: Sequence[str]
+) -> None:
+    """Refuse a section that switches nothing on.
+
+    A schema may define ``enables_nothing(self) -> bool``; when it answers True for the
+    section the user wrote (``--fast_kernels False False False``), activating the plugin
+    would train exactly as without it while the start-of-training block lists it as active,
+    so this is an error rather than a warning. Schemas without the method are not checked:
+    for them the section's presence is the setting (``padding_free: {}``).
+    """
+    config = build_config(schema, values, f"plugins.{path}")
+    check = getattr(config, "enables_nothing", None)
+    if callable(check) and check():
+        raise ConfigError(
+            f"plugins.{path} (from {' and '.join(dict.fromkeys(origins))}) switches nothing on: "
+            "every option is off; turn one on or leave the section out"
+        )
