@@ -13,6 +13,7 @@ from .version import __version__
 
 _EXPORTS = {
     "AccelerationPlugin": "plugin",
+    "hook": "hookspecs",
     "Flag": "flags",
     "AccelerationFramework": "framework",
     "PatchRule": "patching",

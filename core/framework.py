@@ -10,7 +10,7 @@ import dataclasses
 import logging
 import os
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -19,13 +19,15 @@ from packaging.requirements import InvalidRequirement, Requirement
 from packaging.specifiers import SpecifierSet
 
 from .errors import (
+    AccelError,
     ConfigError,
     PluginConflictError,
     PluginRequirementError,
     UnsupportedModelError,
 )
+from .hookspecs import SPECS, Combine, HookSpec
 from .patching import AppliedPatches, apply_patches
-from .plugin import SINGLE_OWNER_HOOKS, AccelerationPlugin
+from .plugin import AccelerationPlugin
 from .registry import (
     PluginInfo,
     catalog_for_name,
@@ -135,11 +137,74 @@ class AccelerationFramework:
     def info(self, plugin: AccelerationPlugin) -> PluginInfo:
         return self.available[plugin.name]
 
-    def owner(self, hook: str) -> AccelerationPlugin | None:
-        return next((p for p in self.plugins if p.implements(hook)), None)
-
     def implementing(self, hook: str) -> list[AccelerationPlugin]:
+        """The active plugins that implement ``hook``, in the resolved order."""
         return [p for p in self.plugins if p.implements(hook)]
+
+    # ------------------------------------------------------------ dispatch
+    def call(self, hook: str, /, fallback: Callable[[], Any] | None = None, **kwargs: Any) -> Any:
+        """Call ``hook`` on the active plugins, combined as its spec says (:mod:`accel.hookspecs`).
+
+        Every hook call goes through here, with the spec's parameters by keyword. Single
+        owner: the owner's result, or ``fallback()`` (``None`` without one) when no plugin
+        owns the hook or the owner returned ``None``. Chained: the threaded value after the
+        last plugin (a tuple when the spec threads several). Fan-out: the joined lists for
+        hooks that return lists, else ``None``.
+        """
+        spec = _spec(hook, kwargs)
+        if spec.combine is Combine.SINGLE:
+            owners = self.implementing(hook)
+            result = self._invoke(owners[0], spec, kwargs) if owners else None
+            if result is None and fallback is not None:
+                return fallback()
+            return result
+        if fallback is not None:
+            raise TypeError(f"hook '{hook}' is {spec.combine.value}; it takes no fallback")
+        if spec.combine is Combine.CHAINED:
+            values = dict(kwargs)
+            for plugin in self.implementing(hook):
+                values.update(_threaded(plugin, spec, self._invoke(plugin, spec, values)))
+            threaded = tuple(values[name] for name in spec.threads)
+            return threaded[0] if len(threaded) == 1 else threaded
+        results = self.call_each(hook, **kwargs)
+        return [item for _, items in results for item in items] if spec.joins else None
+
+    def call_each(self, hook: str, /, **kwargs: Any) -> list[tuple[AccelerationPlugin, Any]]:
+        """A fan-out hook's result per implementing plugin, in order (lists for joining hooks)."""
+        spec = _spec(hook, kwargs)
+        if spec.combine is not Combine.FANOUT:
+            raise TypeError(f"hook '{hook}' is {spec.combine.value}; use call()")
+        results = []
+        for plugin in self.implementing(hook):
+            result = self._invoke(plugin, spec, kwargs)
+            results.append((plugin, _joinable(plugin, spec, result) if spec.joins else result))
+        return results
+
+    def _invoke(self, plugin: AccelerationPlugin, spec: HookSpec, kwargs: Mapping[str, Any]) -> Any:
+        """One plugin's implementation: traced, and its errors name the plugin and the hook.
+
+        An :class:`AccelError` (a user-facing error: bad input or environment) gets the
+        plugin and hook in its message, so the CLI prints it as one line; any other exception
+        is a bug and keeps its traceback, with a note naming the plugin and the hook.
+        """
+        keywords = type(plugin)._accel_hooks[spec.name]
+        passed = kwargs if keywords is None else {k: kwargs[k] for k in keywords}
+        start = time.perf_counter()
+        outcome = "raised"
+        try:
+            result = getattr(plugin, spec.name)(**passed)
+            outcome = "took"
+            return result
+        except AccelError as err:
+            err.args = (f"plugin '{plugin.name}' ({spec.name}): {err}",)
+            raise
+        except Exception as err:
+            _add_note(err, f"accel: raised by plugin '{plugin.name}' in hook '{spec.name}'")
+            raise
+        finally:
+            if self.trace:
+                elapsed = time.perf_counter() - start
+                logger.info("accel trace: %s.%s %s %.3fs", plugin.name, spec.name, outcome, elapsed)
 
     # -------------------------------------------------------------- stages
     def check_model(self, model_config: Any) -> None:
@@ -153,30 +218,36 @@ class AccelerationFramework:
                     f"({type(model_config).__name__}); supported: {', '.join(supported)}"
                 )
 
+    # The named entry points of a run; each is one dispatch (the rules live in ``call``).
     def load_model(
         self, model_name_or_path: str, default: Callable[..., Any], **kwargs: Any
     ) -> Any:
-        owner = self.owner("load_model")
-        if owner is None:
-            return default(model_name_or_path, **kwargs)
-        return self._call(owner, "load_model", model_name_or_path, **kwargs)
+        """The model from the plugin that owns loading, else ``default(name, **kwargs)``."""
+        return self.call(
+            "load_model",
+            model_name_or_path=model_name_or_path,
+            model_kwargs=dict(kwargs),
+            fallback=lambda: default(model_name_or_path, **kwargs),
+        )
 
     def augment_model(self, model: Any, train_args: Any, peft_config: Any) -> tuple[Any, Any]:
-        for plugin in self.implementing("augment_model"):
-            model, peft_config = self._call(plugin, "augment_model", model, train_args, peft_config)
-        return model, peft_config
+        return self.call(
+            "augment_model", model=model, train_args=train_args, peft_config=peft_config
+        )
 
     def apply_patches(self, model: Any) -> AppliedPatches:
-        """Apply every active plugin's patch rules (after adapters are in place)."""
-        applied = AppliedPatches(type(model).__name__, getattr(model.config, "model_type", None))
-        for plugin in self.implementing("patch_rules"):
-            rules = [
-                dataclasses.replace(r, name=f"{plugin.name}.{r.name}")
-                for r in self._call(plugin, "patch_rules", model)
-            ]
-            applied.merge(apply_patches(model, rules))
-        self.patches = applied
-        return applied
+        """Apply every active plugin's patch rules (after adapters are in place).
+
+        One transaction: all plugins' rules are collected first (named ``plugin.rule``), then
+        applied together; any failure leaves the model unpatched.
+        """
+        rules = [
+            dataclasses.replace(rule, name=f"{plugin.name}.{rule.name}")
+            for plugin, plugin_rules in self.call_each("patch_rules", model=model)
+            for rule in plugin_rules
+        ]
+        self.patches = apply_patches(model, rules)
+        return self.patches
 
     def revert_patches(self) -> None:
         if self.patches is not None:
@@ -184,66 +255,90 @@ class AccelerationFramework:
             self.patches = None
 
     def prepare_dataset(self, dataset: Any, tokenizer: Any, train_args: Any) -> Any:
-        for plugin in self.implementing("prepare_dataset"):
-            dataset = self._call(plugin, "prepare_dataset", dataset, tokenizer, train_args)
-        return dataset
+        return self.call(
+            "prepare_dataset", dataset=dataset, tokenizer=tokenizer, train_args=train_args
+        )
 
     def data_collator(self, tokenizer: Any, train_args: Any, default: Any) -> Any:
-        owner = self.owner("data_collator")
-        return (
-            default
-            if owner is None
-            else self._call(owner, "data_collator", tokenizer, train_args, default)
+        return self.call(
+            "data_collator",
+            tokenizer=tokenizer,
+            train_args=train_args,
+            default=default,
+            fallback=lambda: default,
         )
 
     def train_sampler(self, dataset: Any, train_args: Any) -> Any | None:
-        owner = self.owner("train_sampler")
-        return None if owner is None else self._call(owner, "train_sampler", dataset, train_args)
+        return self.call("train_sampler", dataset=dataset, train_args=train_args)
 
     def train_dataloader(self, dataset: Any, collator: Any, train_args: Any) -> Any | None:
-        owner = self.owner("train_dataloader")
-        if owner is None:
-            return None
-        return self._call(owner, "train_dataloader", dataset, collator, train_args)
+        return self.call(
+            "train_dataloader", dataset=dataset, collator=collator, train_args=train_args
+        )
 
     def callbacks(self, model: Any, accelerator: Any) -> list[Any]:
-        return [
-            cb
-            for p in self.implementing("callbacks")
-            for cb in self._call(p, "callbacks", model, accelerator)
-        ]
+        return self.call("callbacks", model=model, accelerator=accelerator)
 
     def on_save(self, checkpoint_dir: str, model: Any) -> None:
-        for plugin in self.implementing("on_save"):
-            self._call(plugin, "on_save", checkpoint_dir, model)
+        self.call("on_save", checkpoint_dir=checkpoint_dir, model=model)
 
     def export(self, model: Any, output_dir: str) -> None:
-        for plugin in self.implementing("export"):
-            self._call(plugin, "export", model, output_dir)
+        self.call("export", model=model, output_dir=output_dir)
 
     # ------------------------------------------------------------- logging
     def report(self) -> str:
         """The start-of-training block: active plugins, packages, versions, patch report."""
+        extra = {plugin.name: lines for plugin, lines in self.call_each("report_lines")}
         lines = [f"accel {__version__}: {len(self.plugins)} active plugin(s)"]
         for plugin in self.plugins:
             info = self.info(plugin)
             lines.append(f"  - {plugin.name} ({info.distribution} {info.version})")
             for path, cfg in plugin.configs.items():
                 lines.append(f"      plugins.{path}: {_short(cfg)}")
-            if plugin.implements("report_lines"):
-                lines.extend(f"      {line}" for line in plugin.report_lines())
+            lines.extend(f"      {line}" for line in extra.get(plugin.name, ()))
         if self.patches is not None and self.patches.counts:
             lines.append("  patches (rule -> modules patched):")
             lines.extend(f"    {line}" for line in self.patches.lines())
         return "\n".join(lines)
 
-    def _call(self, plugin: AccelerationPlugin, hook: str, *args: Any, **kwargs: Any) -> Any:
-        if not self.trace:
-            return getattr(plugin, hook)(*args, **kwargs)
-        start = time.perf_counter()
-        result = getattr(plugin, hook)(*args, **kwargs)
-        logger.info("accel trace: %s.%s took %.3fs", plugin.name, hook, time.perf_counter() - start)
-        return result
+
+def _spec(hook: str, kwargs: Mapping[str, Any]) -> HookSpec:
+    """The spec of ``hook``; the core must pass exactly its parameters."""
+    spec = SPECS.get(hook)
+    if spec is None:
+        raise TypeError(f"no hook named '{hook}'; hooks: {', '.join(SPECS)}")
+    if set(kwargs) != set(spec.params):
+        raise TypeError(f"hook '{hook}' takes {', '.join(spec.params)}; got {', '.join(kwargs)}")
+    return spec
+
+
+def _threaded(plugin: AccelerationPlugin, spec: HookSpec, result: Any) -> dict[str, Any]:
+    """What a chained hook returned, as the values it threads on to the next plugin."""
+    expected = ", ".join(spec.threads)
+    if len(spec.threads) == 1:
+        if result is None:
+            raise TypeError(
+                f"plugin '{plugin.name}': hook '{spec.name}' returned None; "
+                f"return the (possibly new) {expected}"
+            )
+        return {spec.threads[0]: result}
+    if not isinstance(result, tuple) or len(result) != len(spec.threads):
+        raise TypeError(
+            f"plugin '{plugin.name}': hook '{spec.name}' must return the tuple ({expected}), "
+            f"got {type(result).__name__}"
+        )
+    return dict(zip(spec.threads, result))
+
+
+def _joinable(plugin: AccelerationPlugin, spec: HookSpec, result: Any) -> list[Any]:
+    if result is None:
+        return []
+    if isinstance(result, (str, bytes)) or not isinstance(result, Iterable):
+        raise TypeError(
+            f"plugin '{plugin.name}': hook '{spec.name}' must return a list, "
+            f"got {type(result).__name__}"
+        )
+    return list(result)
 
 
 def _short(cfg: Any) -> str:
@@ -355,18 +450,32 @@ def _order(infos: Mapping[str, PluginInfo]) -> list[str]:
 
 
 def _check_single_owners(plugins: list[AccelerationPlugin]) -> None:
-    for hook in SINGLE_OWNER_HOOKS:
-        owners = [p.name for p in plugins if p.implements(hook)]
+    """At most one owner per single-owner hook, and per group of them (the training loader)."""
+    groups: dict[str, list[str]] = {}
+    for spec in SPECS.values():
+        if spec.combine is not Combine.SINGLE:
+            continue
+        owners = [p.name for p in plugins if p.implements(spec.name)]
         if len(owners) > 1:
             raise PluginConflictError(
-                f"plugins {' and '.join(repr(o) for o in owners)} both implement '{hook}', which "
-                "only one active plugin may own; activate only one of them"
+                f"plugins {' and '.join(repr(o) for o in owners)} both implement "
+                f"'{spec.name}', which only one active plugin may own; activate only one of them"
             )
-    loaders = [
-        p.name for p in plugins if p.implements("train_sampler") or p.implements("train_dataloader")
-    ]
-    if len(loaders) > 1:
-        raise PluginConflictError(
-            f"plugins {' and '.join(repr(o) for o in loaders)} both build the training loader "
-            "(train_sampler / train_dataloader); activate only one of them"
-        )
+        if spec.group:
+            members = groups.setdefault(spec.group, [])
+            members.extend(o for o in owners if o not in members)
+    for group, owners in groups.items():
+        if len(owners) > 1:
+            hooks = " / ".join(s.name for s in SPECS.values() if s.group == group)
+            raise PluginConflictError(
+                f"plugins {' and '.join(repr(o) for o in owners)} both build the {group} "
+                f"({hooks}); activate only one of them"
+            )
+
+
+def _add_note(err: BaseException, text: str) -> None:
+    """``err.add_note(text)`` (Python 3.11+; on 3.10 the note is kept in ``__notes__``)."""
+    if hasattr(err, "add_note"):
+        err.add_note(text)
+    else:
+        err.__notes__ = [*getattr(err, "__notes__", []), text]  # type: ignore[attr-defined]

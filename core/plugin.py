@@ -1,36 +1,30 @@
-"""The plugin contract: what a plugin declares as data and which hooks it may implement.
+"""The plugin contract: what a plugin declares as data and how it implements hooks.
 
 A plugin is a subclass of :class:`AccelerationPlugin` published in the ``accel.plugins``
 entry-point group. The framework instantiates it with its validated configs (one per
-activation path present in the user's config) and calls the hooks it overrides, in the
-resolved plugin order. Hooks a plugin does not override are never called.
+activation path present in the user's config) and calls the methods it marks with
+:func:`accel.hook`, in the resolved plugin order. The hooks, their parameters and how their
+results combine are specified in :mod:`accel.hookspecs`; a class whose hooks do not fit is
+refused when it is defined.
 """
 
 from __future__ import annotations
 
-import difflib
-from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING, Any, ClassVar
+from collections.abc import Mapping
+from typing import Any, ClassVar
 
 from .flags import Flag
+from .hookspecs import check_attribute, hook
 
-if TYPE_CHECKING:
-    from .patching import PatchRule
-
-#: Hooks that at most one active plugin may implement.
-SINGLE_OWNER_HOOKS = ("load_model", "data_collator", "train_sampler", "train_dataloader")
-#: Hooks that thread a value through every plugin, in order.
-CHAINED_HOOKS = ("augment_model", "prepare_dataset")
-#: Hooks whose results (or side effects) are joined across every plugin.
-FANOUT_HOOKS = ("patch_rules", "callbacks", "on_save", "export", "report_lines")
-HOOKS = SINGLE_OWNER_HOOKS + CHAINED_HOOKS + FANOUT_HOOKS
+__all__ = ["AccelerationPlugin", "Flag", "hook"]
 
 
 class AccelerationPlugin:
     """Base class of every accel plugin.
 
-    Declare the class attributes below; override only the hooks you need. ``self.configs``
-    maps each activation path the user set to its validated config object.
+    Declare the class attributes below and implement the hooks you need as methods marked
+    with ``@hook`` (see :mod:`accel.hookspecs`). ``self.configs`` maps each activation path
+    the user set to its validated config object.
     """
 
     #: unique plugin name (``accel plugins`` lists it; other plugins refer to it)
@@ -55,22 +49,25 @@ class AccelerationPlugin:
     #: the core versions this plugin works with (a PEP 440 specifier)
     core_versions: ClassVar[str] = ">=0.1,<0.2"
 
+    #: hook name -> the spec keywords its implementation takes (``None``: all); set per class
+    _accel_hooks: ClassVar[dict[str, frozenset[str] | None]] = {}
+
     def __init__(self, configs: Mapping[str, Any]):
         self.configs = dict(configs)
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
-        """Catch misspelt hook names when the plugin class is defined, not at run time."""
+        """Check the class against the hook contract when it is defined, not at run time."""
         super().__init_subclass__(**kwargs)
-        base_names = set(dir(AccelerationPlugin))
-        for attr in vars(cls):
-            if attr.startswith("_") or attr in base_names or not callable(vars(cls)[attr]):
+        hooks: dict[str, frozenset[str] | None] = {}
+        for base in reversed(cls.__mro__[1:]):
+            hooks.update(vars(base).get("_accel_hooks", {}))
+        for attr, value in vars(cls).items():
+            if attr.startswith("_"):
                 continue
-            close = difflib.get_close_matches(attr, HOOKS, n=1, cutoff=0.85)
-            if close:
-                raise TypeError(
-                    f"plugin {cls.__qualname__} defines '{attr}', which is not a hook; "
-                    f"did you mean '{close[0]}'? Hooks: {', '.join(HOOKS)}"
-                )
+            is_hook, keywords = check_attribute(cls.__qualname__, attr, value)
+            if is_hook:
+                hooks[attr] = keywords
+        cls._accel_hooks = hooks
 
     def config(self, path: str | None = None) -> Any:
         """The validated config at ``path`` (default: the only / first active path)."""
@@ -80,7 +77,8 @@ class AccelerationPlugin:
 
     @classmethod
     def implements(cls, hook: str) -> bool:
-        return getattr(cls, hook) is not getattr(AccelerationPlugin, hook)
+        """Whether this plugin implements ``hook`` (a method marked with ``@hook``)."""
+        return hook in cls._accel_hooks
 
     @classmethod
     def schema_for(cls, path: str) -> type | None:
@@ -88,51 +86,3 @@ class AccelerationPlugin:
         if isinstance(schema, Mapping):
             return schema.get(path)
         return schema
-
-    # ----------------------------------------------------------------- hooks
-    def load_model(self, model_name_or_path: str, **kwargs: Any) -> Any:
-        """Load the model instead of ``AutoModelForCausalLM.from_pretrained`` (one owner)."""
-        raise NotImplementedError
-
-    def augment_model(self, model: Any, train_args: Any, peft_config: Any) -> tuple[Any, Any]:
-        """Change the model after loading; return ``(model, peft_config)``.
-
-        Return ``peft_config=None`` when the plugin applied the adapters itself.
-        """
-        raise NotImplementedError
-
-    def patch_rules(self, model: Any) -> Sequence[PatchRule]:
-        """Declarative model patches applied after adapters are in place."""
-        raise NotImplementedError
-
-    def prepare_dataset(self, dataset: Any, tokenizer: Any, train_args: Any) -> Any:
-        """Transform the tokenized training dataset; return the new dataset."""
-        raise NotImplementedError
-
-    def data_collator(self, tokenizer: Any, train_args: Any, default: Any) -> Any:
-        """Return the collator to use instead of ``default`` (one owner)."""
-        raise NotImplementedError
-
-    def train_sampler(self, dataset: Any, train_args: Any) -> Any:
-        """Return the per-example sampler of the training loader (one owner)."""
-        raise NotImplementedError
-
-    def train_dataloader(self, dataset: Any, collator: Any, train_args: Any) -> Any:
-        """Return the whole training ``DataLoader``, already sharded per rank (one owner)."""
-        raise NotImplementedError
-
-    def callbacks(self, model: Any, accelerator: Any) -> Sequence[Any]:
-        """``transformers.TrainerCallback`` objects to add to the trainer."""
-        raise NotImplementedError
-
-    def on_save(self, checkpoint_dir: str, model: Any) -> None:
-        """Called after each checkpoint is written (e.g. to convert or add files)."""
-        raise NotImplementedError
-
-    def export(self, model: Any, output_dir: str) -> None:
-        """Called after the final model is saved (e.g. to convert to HF format)."""
-        raise NotImplementedError
-
-    def report_lines(self) -> Sequence[str]:
-        """Extra lines for the start-of-training block (e.g. which attention path was chosen)."""
-        raise NotImplementedError

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from accel import AccelerationPlugin, Flag
+from accel import AccelerationPlugin, Flag, hook
 from accel.registry import PluginInfo
 
 
@@ -45,15 +45,17 @@ class LoaderPlugin(AccelerationPlugin):
     name = "loader"
     config_paths = ("peft.quantization.loader",)
 
-    def load_model(self, model_name_or_path, **kwargs):
-        return ("loaded-by-plugin", model_name_or_path)
+    @hook
+    def load_model(self, model_name_or_path, model_kwargs):
+        return ("loaded-by-plugin", model_name_or_path, model_kwargs)
 
 
 class OtherLoaderPlugin(AccelerationPlugin):
     name = "other_loader"
     config_paths = ("peft.quantization.other_loader",)
 
-    def load_model(self, model_name_or_path, **kwargs):
+    @hook
+    def load_model(self, model_name_or_path):
         return "other"
 
 

@@ -38,7 +38,7 @@ from typing import Literal
 
 from transformers import TrainerCallback
 
-from accel import AccelerationPlugin, Flag, PatchRule
+from accel import AccelerationPlugin, Flag, PatchRule, hook
 
 
 @dataclass
@@ -65,28 +65,36 @@ class HelloPlugin(AccelerationPlugin):
     flags = (Flag("hello", "training.hello", "greeting and loudness", fields=("greeting", "loudness")),)
     model_types = ("llama",)
 
+    @hook
     def augment_model(self, model, train_args, peft_config):
         _record("augment_model", greeting=self.config().greeting, model=type(model).__name__)
         return model, peft_config
 
+    @hook
     def patch_rules(self, model):
-        def counting(module):
-            original = module.forward
-            def forward(hidden_states):
+        def counting(module, forward):
+            def counted(hidden_states):
                 module.hello_calls = getattr(module, "hello_calls", 0) + 1
-                return original(hidden_states)
-            return forward
-        return [PatchRule("count_norm", "hello", module_classes=("LlamaRMSNorm",), forward=counting)]
+                return forward(hidden_states)
+            return counted
+        return [PatchRule("count_norm", "hello", module_classes=("LlamaRMSNorm",), wrap=counting)]
 
-    def prepare_dataset(self, dataset, tokenizer, train_args):
+    @hook
+    def prepare_dataset(self, dataset):
         _record("prepare_dataset", rows=len(dataset))
         return dataset
 
-    def callbacks(self, model, accelerator):
+    @hook
+    def callbacks(self):
         return [_Callback()]
 
+    @hook
     def export(self, model, output_dir):
-        _record("export", output_dir=output_dir)
+        calls = sum(getattr(m, "hello_calls", 0) for m in model.modules())
+        _record("export", output_dir=output_dir, norm_calls=calls)
+
+    def exporter(self):  # an ordinary helper, not a hook
+        return "helper"
 '''
 
 
@@ -167,6 +175,7 @@ def test_hooks_run_in_real_training(hello_site, base_args, tmp_path):
         **base_args,
         "max_steps": 2,
         "hello": ["howdy", "loud"],
+        "fast_kernels": [False, True, False],  # fused_ops replaces the norms hello wraps
         "save_model_dir": str(tmp_path / "m"),
     }
     path = tmp_path / "args.json"
@@ -175,8 +184,10 @@ def test_hooks_run_in_real_training(hello_site, base_args, tmp_path):
     assert out.returncode == 0, out.stderr[-3000:]
     assert "hello (accel-hello 1.2.3)" in out.stdout
     assert "hello.count_norm -> 5 module(s)" in out.stdout
+    assert "fused_ops.rms_norm -> 5 module(s)" in out.stdout
     events = [json.loads(x) for x in record.read_text().splitlines()]
     names = [e["event"] for e in events]
     assert names == ["augment_model", "prepare_dataset", "train_end", "export"]
     assert events[0] == {"event": "augment_model", "greeting": "howdy", "model": "LlamaForCausalLM"}
     assert events[2]["steps"] == 2
+    assert events[3]["norm_calls"] >= 2 * 5  # the wrapper ran in every training forward

@@ -49,7 +49,15 @@ from typing import Any, Literal
 import numpy as np
 from torch.utils.data import Sampler
 
+from accel.errors import ConfigError
+
 logger = logging.getLogger(__name__)
+
+
+class OversizeError(ConfigError, ValueError):
+    """Examples longer than the token budget, with ``oversize="error"`` (a user's setting:
+    the CLI prints it as one error line)."""
+
 
 Oversize = Literal["error", "report"]
 
@@ -216,10 +224,10 @@ def plan_epoch(
             shown = ", ".join(f"#{int(i)} ({int(sizes_all[i])} tokens)" for i in over[:5])
             more = f" and {over.size - 5} more" if over.size > 5 else ""
             if oversize == "error":
-                raise ValueError(
+                raise OversizeError(
                     f"{over.size} example(s) are longer than max_tokens_per_rank="
-                    f"{max_tokens_per_rank}: {shown}{more}. Raise the budget, truncate "
-                    "examples (max_seq_length), or pass oversize='report' to skip them"
+                    f"{max_tokens_per_rank}: {shown}{more}. Raise max_tokens_per_rank, "
+                    "truncate examples (max_seq_length), or set oversize='report' to skip them"
                 )
             message = (
                 f"multipack: skipping {over.size} example(s) longer than max_tokens_per_rank="

@@ -4,9 +4,17 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
-from accel import AccelerationPlugin, ConfigError, Flag
+from accel import AccelerationPlugin, ConfigError, Flag, hook
+
+if TYPE_CHECKING:
+    from datasets import Dataset
+    from peft import PeftConfig
+    from torch.utils.data import DataLoader
+    from transformers import PreTrainedModel, TrainingArguments
+
+    from .collator import PaddingFreeCollator
 
 PADDING_FREE_PATH = "training.attention.padding_free"
 MULTIPACK_PATH = "training.dataloader.multipack"
@@ -72,7 +80,10 @@ class PaddingFreePlugin(AccelerationPlugin):
         super().__init__(configs)
         self.attention_reason = "not chosen yet"
 
-    def augment_model(self, model: Any, train_args: Any, peft_config: Any) -> tuple[Any, Any]:
+    @hook
+    def augment_model(
+        self, model: PreTrainedModel, train_args: TrainingArguments, peft_config: PeftConfig | None
+    ) -> tuple[PreTrainedModel, PeftConfig | None]:
         from .attention import choose_attention_path, disable_kv_cache, register_varlen_attention
 
         register_varlen_attention()
@@ -82,11 +93,13 @@ class PaddingFreePlugin(AccelerationPlugin):
         self.attention_reason = choice.reason
         return model, peft_config
 
-    def data_collator(self, tokenizer: Any, train_args: Any, default: Any) -> Any:
+    @hook
+    def data_collator(self) -> PaddingFreeCollator:  # needs none of the hook's arguments
         from .collator import PaddingFreeCollator
 
         return PaddingFreeCollator()
 
+    @hook
     def report_lines(self) -> Sequence[str]:
         return [f"attention: {self.attention_reason}", "use_cache: False (packed rows need it)"]
 
@@ -108,7 +121,10 @@ class MultipackPlugin(AccelerationPlugin):
     requires = ("padding_free",)
     model_types = SUPPORTED_MODEL_TYPES
 
-    def train_dataloader(self, dataset: Any, collator: Any, train_args: Any) -> Any:
+    @hook
+    def train_dataloader(
+        self, dataset: Dataset, collator: Any, train_args: TrainingArguments
+    ) -> DataLoader:
         from .lengths import compute_lengths
         from .loader import EpochDataLoader
         from .multipack import MultipackBatchSampler

@@ -4,12 +4,16 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from functools import reduce
-from typing import Any
+from typing import TYPE_CHECKING
 
-from accel import AccelerationPlugin, Flag, PatchRule
+from accel import AccelerationPlugin, Flag, PatchRule, hook
 
 from .config import FusedOpsConfig
 from .support import ALL_MODEL_TYPES
+
+if TYPE_CHECKING:
+    from peft import PeftModel
+    from transformers import PreTrainedModel
 
 TRAINING_PATH = "training.fused_ops_and_kernels"
 PEFT_PATH = "peft.quantization.fused_ops_and_kernels"
@@ -44,11 +48,13 @@ class FusedOpsPlugin(AccelerationPlugin):
         #: both paths' configs merged into one (raises ValueError on contradicting values)
         self.settings = reduce(FusedOpsConfig.merged, self.configs.values(), FusedOpsConfig())
 
-    def patch_rules(self, model: Any) -> Sequence[PatchRule]:
+    @hook
+    def patch_rules(self, model: PreTrainedModel | PeftModel) -> Sequence[PatchRule]:
         from .rules import build_rules
 
         return build_rules(self.settings, model)
 
+    @hook
     def report_lines(self) -> Sequence[str]:
         from .rules import requested_features
 
