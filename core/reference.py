@@ -68,7 +68,9 @@ def trainer_section() -> list[str]:
         "Every `transformers.TrainingArguments` field is accepted too (`num_train_epochs`, "
         "`learning_rate`, `gradient_checkpointing`, `save_strategy`, ...), plus "
         "`save_model_dir`; `resume_from_checkpoint` unset resumes from the newest complete "
-        "checkpoint in `output_dir`, `False` starts fresh, a path picks one.",
+        "checkpoint in `output_dir`, `False` starts fresh, a path picks one. A run config "
+        "(JSON/YAML file or `accel.train(...)`) may also hold `plugins:`, the plugin options "
+        "below in fms-acceleration's layout.",
         "",
     ]
     for cls in (ModelArguments, DataArguments, TuningArguments, AccelerationArguments):
