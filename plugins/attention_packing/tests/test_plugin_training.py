@@ -10,16 +10,19 @@ import sys
 from pathlib import Path
 
 import pytest
-from trainer_fixtures import identifiable_examples, save_tiny_model, write_jsonl
+from trainer_fixtures import identifiable_examples, write_jsonl
 
 import accel
 from accel import ConfigError, PluginRequirementError
+from accel.testing import save_tiny_model
 
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
     root = tmp_path_factory.mktemp("models")
-    return {arch: save_tiny_model(arch, root) for arch in ("llama", "mixtral", "gpt_bigcode")}
+    return {
+        arch: save_tiny_model(root / arch, arch) for arch in ("llama", "mixtral", "gpt_bigcode")
+    }
 
 
 @pytest.fixture(scope="module")
@@ -235,9 +238,7 @@ def test_multipack_resume_mid_epoch_neither_repeats_nor_skips(models, data, tmp_
 
 def test_unsupported_architecture_is_named(tmp_path):
     """gemma2 is not among the verified architectures: the run stops before loading weights."""
-    from accel.testing import save_tiny_model
-
-    model_dir = save_tiny_model(tmp_path / "gemma2", "gemma2", head_dim=8)
+    model_dir = save_tiny_model(tmp_path / "gemma2", "gemma2")
     data = write_jsonl(identifiable_examples(8), tmp_path / "d.jsonl")
     with pytest.raises(
         accel.UnsupportedModelError, match="'padding_free' does not support model_type 'gemma2'"

@@ -1,17 +1,10 @@
-"""Tiny saved models (with the demo tokenizer) and a dataset of identifiable examples."""
+"""A dataset of identifiable examples, written as JSONL for the trainer."""
 
 from __future__ import annotations
 
 import json
 import random
 from pathlib import Path
-
-
-def save_tiny_model(arch: str, root: Path) -> Path:
-    from accel.testing import save_tiny_model as save
-
-    extra = {"num_local_experts": 4, "num_experts_per_tok": 2} if arch == "mixtral" else {}
-    return save(root / arch, arch, **extra)
 
 
 def identifiable_examples(count: int, seed: int = 0) -> list[dict[str, list[int]]]:

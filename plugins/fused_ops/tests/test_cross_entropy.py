@@ -1,6 +1,7 @@
 """cross_entropy against torch.nn.functional.cross_entropy, on both implementations.
 
-The Triton kernel runs under TRITON_INTERPRET=1 (see conftest.py) on small odd shapes.
+The Triton kernel runs on small odd shapes, on CPU under TRITON_INTERPRET=1 and compiled on
+CUDA where a GPU is present (see conftest.py).
 Tolerances: fp32 inputs rtol=1e-5 (atol 1e-6 for values near zero); bf16 inputs compare
 the loss at rtol=1e-5 (both sides compute in fp32 from the same bf16 values) and the
 gradient, rounded to bf16 once or twice, at rtol=2e-2.
@@ -24,12 +25,6 @@ BF16_LOSS = {"rtol": 1e-5, "atol": 1e-5}
 BF16_GRAD = {"rtol": 2e-2, "atol": 1e-5}
 
 
-@pytest.fixture(params=["torch", "triton"])
-def impl(request, monkeypatch):
-    monkeypatch.setenv("ACCEL_KERNEL_IMPL", request.param)
-    return request.param
-
-
 def reference(logits, labels, *, ignore_index=-100, reduction="mean", num_items=None, softcap=None):
     """What transformers does: upcast to fp32, (softcap), F.cross_entropy, / num_items."""
     z = logits.float()
@@ -40,12 +35,12 @@ def reference(logits, labels, *, ignore_index=-100, reduction="mean", num_items=
     return F.cross_entropy(z, labels, ignore_index=ignore_index, reduction=reduction)
 
 
-def make_inputs(dtype, n=N, v=V, seed=0, ignore_every=5):
+def make_inputs(dtype, n=N, v=V, seed=0, ignore_every=5, device="cpu"):
     g = torch.Generator().manual_seed(seed)
     logits = (torch.randn(n, v, generator=g) * 3).to(dtype)
     labels = torch.randint(0, v, (n,), generator=g)
     labels[::ignore_every] = -100
-    return logits, labels
+    return logits.to(device), labels.to(device)
 
 
 def run_both(logits, labels, **kw):
@@ -55,7 +50,7 @@ def run_both(logits, labels, **kw):
     x2 = logits.clone().requires_grad_(True)
     ours = cross_entropy(x1, labels, **kw)
     ref = reference(x2, labels, **ref_kw)
-    go = torch.randn(ours.shape, generator=torch.Generator().manual_seed(1))
+    go = torch.randn(ours.shape, generator=torch.Generator().manual_seed(1)).to(ours.device)
     (ours * go).sum().backward()
     (ref * go).sum().backward()
     return ours, ref, x1.grad, x2.grad
@@ -63,9 +58,8 @@ def run_both(logits, labels, **kw):
 
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 @pytest.mark.parametrize("softcap", [None, 4.0])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_matches_torch(impl, dtype, softcap, reduction):
-    logits, labels = make_inputs(dtype)
+def test_matches_torch(impl, device, dtype, softcap, reduction):
+    logits, labels = make_inputs(dtype, device=device)
     ours, ref, g1, g2 = run_both(logits, labels, reduction=reduction, softcap=softcap)
     assert ours.dtype == torch.float32
     assert g1.dtype == dtype
@@ -77,9 +71,9 @@ def test_matches_torch(impl, dtype, softcap, reduction):
 
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
 @pytest.mark.parametrize("as_tensor", [False, True])
-def test_num_items_in_batch(impl, reduction, as_tensor):
-    logits, labels = make_inputs(torch.float32)
-    num_items = torch.tensor(100) if as_tensor else 100
+def test_num_items_in_batch(impl, device, reduction, as_tensor):
+    logits, labels = make_inputs(torch.float32, device=device)
+    num_items = torch.tensor(100, device=device) if as_tensor else 100
     ours, ref, g1, g2 = run_both(logits, labels, reduction=reduction, num_items_in_batch=num_items)
     torch.testing.assert_close(ours, ref, **FP32)
     torch.testing.assert_close(g1, g2, **FP32)
@@ -88,9 +82,9 @@ def test_num_items_in_batch(impl, reduction, as_tensor):
     torch.testing.assert_close(ours, expected, **FP32)
 
 
-def test_all_rows_ignored(impl):
-    logits, _ = make_inputs(torch.float32, n=6)
-    labels = torch.full((6,), -100)
+def test_all_rows_ignored(impl, device):
+    logits, _ = make_inputs(torch.float32, n=6, device=device)
+    labels = torch.full((6,), -100, device=device)
     x = logits.clone().requires_grad_(True)
     loss = cross_entropy(x, labels)
     assert torch.isnan(loss)  # torch's mean over zero tokens is NaN too
@@ -99,9 +93,9 @@ def test_all_rows_ignored(impl):
     assert cross_entropy(logits, labels, reduction="sum").item() == 0.0
 
 
-def test_ignore_index_inside_vocabulary(impl):
+def test_ignore_index_inside_vocabulary(impl, device):
     """A pad id used as ignore_index (here 0) is skipped, not treated as a target."""
-    logits, labels = make_inputs(torch.float32)
+    logits, labels = make_inputs(torch.float32, device=device)
     labels[labels == -100] = 0
     labels[1:4] = 0
     ours, ref, g1, g2 = run_both(logits, labels, ignore_index=0)
@@ -109,8 +103,8 @@ def test_ignore_index_inside_vocabulary(impl):
     torch.testing.assert_close(g1, g2, **FP32)
 
 
-def test_large_offsets_are_stable(impl):
-    logits, labels = make_inputs(torch.float32)
+def test_large_offsets_are_stable(impl, device):
+    logits, labels = make_inputs(torch.float32, device=device)
     ours, ref, g1, g2 = run_both(logits + 1e4, labels, reduction="sum")
     assert torch.isfinite(ours) and torch.isfinite(g1).all()
     # fp32 spacing near 1e4 is ~1e-3: logsumexp is only known to that, hence the tolerances.
@@ -118,19 +112,19 @@ def test_large_offsets_are_stable(impl):
     torch.testing.assert_close(g1, g2, rtol=1e-3, atol=1e-4)
 
 
-def test_non_contiguous_logits(impl):
-    logits, labels = make_inputs(torch.float32)
+def test_non_contiguous_logits(impl, device):
+    logits, labels = make_inputs(torch.float32, device=device)
     ours, ref, g1, g2 = run_both(logits.t().contiguous().t(), labels)
     torch.testing.assert_close(ours, ref, **FP32)
     torch.testing.assert_close(g1, g2, **FP32)
 
 
-def test_inplace_backward_through_matmul(impl):
+def test_inplace_backward_through_matmul(impl, device):
     """With inplace_backward the logits buffer becomes the gradient; upstream grads still match."""
     g = torch.Generator().manual_seed(3)
-    h = torch.randn(N, 17, generator=g)
-    w = torch.randn(V, 17, generator=g)
-    labels = torch.randint(0, V, (N,), generator=g)
+    h = torch.randn(N, 17, generator=g).to(device)
+    w = torch.randn(V, 17, generator=g).to(device)
+    labels = torch.randint(0, V, (N,), generator=g).to(device)
     grads = []
     for inplace in (False, True):
         hh, ww = h.clone().requires_grad_(True), w.clone().requires_grad_(True)
@@ -149,15 +143,15 @@ def test_inplace_backward_through_matmul(impl):
         torch.testing.assert_close(gw, wr.grad, **FP32)
 
 
-def test_forward_without_grad(impl):
-    logits, labels = make_inputs(torch.bfloat16)
+def test_forward_without_grad(impl, device):
+    logits, labels = make_inputs(torch.bfloat16, device=device)
     with torch.no_grad():
         loss = cross_entropy(logits, labels, reduction="none")
     torch.testing.assert_close(loss, reference(logits, labels, reduction="none"), **BF16_LOSS)
 
 
-def test_second_backward_is_refused(impl):
-    logits, labels = make_inputs(torch.float32, n=4)
+def test_second_backward_is_refused(impl, device):
+    logits, labels = make_inputs(torch.float32, n=4, device=device)
     x = logits.requires_grad_(True)
     loss = cross_entropy(x, labels)
     loss.backward(retain_graph=True)
@@ -167,10 +161,10 @@ def test_second_backward_is_refused(impl):
 
 @pytest.mark.parametrize("block", [16, 32, 128])
 @pytest.mark.parametrize("softcap", [None, 2.5])
-def test_triton_online_logsumexp_over_blocks(block, softcap):
+def test_triton_online_logsumexp_over_blocks(triton_device, block, softcap):
     """Vocabulary split in several blocks, the last one partial (V=129)."""
-    logits, labels = make_inputs(torch.float32, n=9)
-    scale = torch.tensor(0.5)
+    logits, labels = make_inputs(torch.float32, n=9, device=triton_device)
+    scale = torch.tensor(0.5, device=triton_device)
     g_tri, g_ref = torch.empty_like(logits), torch.empty_like(logits)
     loss_tri = _ce_rows_triton(logits, labels, -100, softcap, scale, g_tri, block_size=block)
     loss_ref = _ce_rows_torch(logits, labels, -100, softcap, scale, g_ref)
@@ -178,9 +172,9 @@ def test_triton_online_logsumexp_over_blocks(block, softcap):
     torch.testing.assert_close(g_tri, g_ref, **FP32)
 
 
-def test_triton_per_row_scale_and_bf16_inplace():
-    logits, labels = make_inputs(torch.bfloat16, n=9)
-    scale = torch.linspace(-1.0, 2.0, 9)
+def test_triton_per_row_scale_and_bf16_inplace(triton_device):
+    logits, labels = make_inputs(torch.bfloat16, n=9, device=triton_device)
+    scale = torch.linspace(-1.0, 2.0, 9, device=triton_device)
     expected_grad = torch.empty_like(logits)
     loss_ref = _ce_rows_torch(logits, labels, -100, None, scale, expected_grad)
     buf = logits.clone()
@@ -200,15 +194,15 @@ def test_torch_row_chunks_do_not_change_results(rows_per_chunk):
     torch.testing.assert_close(g_chunked, g_whole, **FP32)
 
 
-def test_out_of_range_label(monkeypatch):
-    logits, labels = make_inputs(torch.float32, n=4)
+def test_out_of_range_label(impl, device):
+    logits, labels = make_inputs(torch.float32, n=4, device=device)
     labels[2] = V
-    monkeypatch.setenv("ACCEL_KERNEL_IMPL", "torch")
-    with pytest.raises(ValueError, match="outside the vocabulary"):
-        cross_entropy(logits, labels)
-    monkeypatch.setenv("ACCEL_KERNEL_IMPL", "triton")  # no sync on the GPU path: NaN instead
-    rows = cross_entropy(logits, labels, reduction="none")
-    assert torch.isnan(rows[2]) and torch.isfinite(rows[[0, 1, 3]]).all()
+    if impl == "torch":
+        with pytest.raises(ValueError, match="outside the vocabulary"):
+            cross_entropy(logits, labels)
+    else:  # no sync on the GPU path: NaN instead
+        rows = cross_entropy(logits, labels, reduction="none")
+        assert torch.isnan(rows[2]) and torch.isfinite(rows[[0, 1, 3]]).all()
 
 
 @pytest.mark.parametrize(

@@ -2,7 +2,7 @@
 
 Reference: ``F.linear(hidden, weight, bias).float()`` then ``F.cross_entropy`` (what a
 transformers model does), forward and backward, on both implementations (Triton kernel under
-TRITON_INTERPRET=1). Shapes are odd on purpose: N=37 rows, H=65, V=1000, chunks of 8 rows
+TRITON_INTERPRET=1 on CPU, compiled on CUDA where a GPU is present). Shapes are odd on purpose: N=37 rows, H=65, V=1000, chunks of 8 rows
 (the last chunk is partial). Tolerances: fp32 loss rtol=1e-5 (atol=1e-6 near zero), fp32
 gradients rtol=1e-5 with atol at 1e-5 of the largest gradient entry (chunked sums add in
 another order, which shows on entries that nearly cancel); bf16 loss
@@ -28,21 +28,15 @@ CHUNK = 8
 FP32 = {"rtol": 1e-5, "atol": 1e-6}
 
 
-@pytest.fixture(params=["torch", "triton"])
-def impl(request, monkeypatch):
-    monkeypatch.setenv("ACCEL_KERNEL_IMPL", request.param)
-    return request.param
-
-
-def make(dtype=torch.float32, *, bias=True, seed=0, n=N, v=V):
+def make(dtype=torch.float32, *, bias=True, seed=0, n=N, v=V, device="cpu"):
     g = torch.Generator().manual_seed(seed)
-    hidden = torch.randn(n, H, generator=g).to(dtype)
-    weight = (torch.randn(v, H, generator=g) / H**0.5).to(dtype)
-    b = (torch.randn(v, generator=g) * 0.1).to(dtype) if bias else None
+    hidden = torch.randn(n, H, generator=g).to(device, dtype)
+    weight = (torch.randn(v, H, generator=g) / H**0.5).to(device, dtype)
+    b = (torch.randn(v, generator=g) * 0.1).to(device, dtype) if bias else None
     labels = torch.randint(0, v, (n,), generator=g)
     labels[::4] = -100
     labels[CHUNK : 2 * CHUNK] = -100  # one whole chunk ignored
-    return hidden, weight, b, labels
+    return hidden, weight, b, labels.to(device)
 
 
 def reference_loss(hidden, weight, bias, labels, *, reduction="mean", num_items=None, softcap=None):
@@ -60,7 +54,7 @@ def leaves(*tensors):
 
 def compare(ours, ref, ours_inputs, ref_inputs, tol_loss, tol_grad=None):
     """Backward both with the same random grad_output and compare loss and every gradient."""
-    go = torch.randn(ours.shape, generator=torch.Generator().manual_seed(1))
+    go = torch.randn(ours.shape, generator=torch.Generator().manual_seed(1)).to(ours.device)
     (ours * go).sum().backward()
     (ref * go).sum().backward()
     torch.testing.assert_close(ours, ref.to(ours.dtype), **tol_loss)
@@ -81,9 +75,8 @@ def bf16_grad_tol(grad):
 
 
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_matches_full_logits(impl, dtype, reduction):
-    inputs = make(dtype)
+def test_matches_full_logits(impl, device, dtype, reduction):
+    inputs = make(dtype, device=device)
     ours_in, ref_in = leaves(*inputs[:3]), leaves(*inputs[:3])
     labels = inputs[3]
     h, w, b = ours_in
@@ -107,8 +100,10 @@ def test_chunk_sizes(chunk_size):
 
 
 @pytest.mark.parametrize("num_items", [50, torch.tensor(50.0)], ids=["int", "tensor"])
-def test_softcap_and_num_items(impl, num_items):
-    inputs = make(bias=False)
+def test_softcap_and_num_items(impl, device, num_items):
+    inputs = make(bias=False, device=device)
+    if isinstance(num_items, torch.Tensor):
+        num_items = num_items.to(device)
     ours_in, ref_in = leaves(*inputs[:2]), leaves(*inputs[:2])
     ours = fused_linear_cross_entropy(
         *ours_in, inputs[3], softcap=5.0, num_items_in_batch=num_items, chunk_size=CHUNK
@@ -117,8 +112,8 @@ def test_softcap_and_num_items(impl, num_items):
     compare(ours, ref, ours_in, ref_in, FP32)
 
 
-def test_frozen_weight(impl):
-    hidden, weight, bias, labels = make()
+def test_frozen_weight(impl, device):
+    hidden, weight, bias, labels = make(device=device)
     h_ours, h_ref = leaves(hidden, hidden)
     ours = fused_linear_cross_entropy(h_ours, weight, labels, bias, chunk_size=CHUNK)
     ref = reference_loss(h_ref, weight, bias, labels)
@@ -156,8 +151,8 @@ def test_tied_embedding():
         torch.testing.assert_close(a, b, **FP32)
 
 
-def test_all_labels_ignored(impl):
-    hidden, weight, bias, labels = make()
+def test_all_labels_ignored(impl, device):
+    hidden, weight, bias, labels = make(device=device)
     labels = torch.full_like(labels, -100)
     h, w = leaves(hidden, weight)
     loss = fused_linear_cross_entropy(h, w, labels, chunk_size=CHUNK)
@@ -168,8 +163,8 @@ def test_all_labels_ignored(impl):
     assert total.item() == 0.0
 
 
-def test_no_grad_forward(impl):
-    hidden, weight, bias, labels = make()
+def test_no_grad_forward(impl, device):
+    hidden, weight, bias, labels = make(device=device)
     with torch.no_grad():
         loss = fused_linear_cross_entropy(hidden, weight, labels, bias, chunk_size=CHUNK)
     torch.testing.assert_close(loss, reference_loss(hidden, weight, bias, labels), **FP32)
@@ -206,9 +201,9 @@ def test_default_chunk_size():
 
 
 @pytest.mark.parametrize("reduction", ["mean", "none"])
-def test_module_variant_plain_linear(impl, reduction):
-    hidden, weight, bias, labels = make()
-    lin_a, lin_b = nn.Linear(H, V), nn.Linear(H, V)
+def test_module_variant_plain_linear(impl, device, reduction):
+    hidden, weight, bias, labels = make(device=device)
+    lin_a, lin_b = nn.Linear(H, V, device=device), nn.Linear(H, V, device=device)
     for lin in (lin_a, lin_b):
         with torch.no_grad():
             lin.weight.copy_(weight)
@@ -221,7 +216,7 @@ def test_module_variant_plain_linear(impl, reduction):
     compare(ours, ref, [h_ours, lin_a.weight, lin_a.bias], [h_ref, lin_b.weight, lin_b.bias], FP32)
 
 
-def _lora_head(seed: int, dropout: float = 0.0):
+def _lora_head(seed: int, dropout: float = 0.0, device="cpu"):
     from peft import LoraConfig, get_peft_model
 
     class Head(nn.Module):
@@ -237,14 +232,14 @@ def _lora_head(seed: int, dropout: float = 0.0):
         r=4, lora_alpha=8, lora_dropout=dropout, target_modules=["lm_head"], init_lora_weights=False
     )
     model = get_peft_model(Head(), config)
-    return model.base_model.model.lm_head
+    return model.base_model.model.lm_head.to(device)
 
 
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
-def test_module_variant_peft_lora(impl, reduction):
+def test_module_variant_peft_lora(impl, device, reduction):
     """A real PEFT LoRA lm_head: frozen base weight, gradients only for lora_A / lora_B."""
-    hidden, _, _, labels = make()
-    head_ours, head_ref = _lora_head(0), _lora_head(0)
+    hidden, _, _, labels = make(device=device)
+    head_ours, head_ref = _lora_head(0, device=device), _lora_head(0, device=device)
     trainable = [n for n, p in head_ours.named_parameters() if p.requires_grad]
     assert sorted(trainable) == ["lora_A.default.weight", "lora_B.default.weight"]
     h_ours, h_ref = leaves(hidden, hidden)

@@ -16,28 +16,21 @@ from transformers.models.llama.modeling_llama import apply_rotary_pos_emb as hf_
 from transformers.models.phi3.modeling_phi3 import Phi3RotaryEmbedding
 from transformers.models.phi3.modeling_phi3 import apply_rotary_pos_emb as hf_partial_rope
 
+from accel.testing import assert_close_scaled
 from accel_fused_ops.kernels.rope import apply_rotary_pos_emb
 
 B, H, HKV, S = 2, 3, 1, 37  # GQA: 3 query heads share 1 key head; 74 programs
 
 
-@pytest.fixture(params=["triton", "torch"])
-def impl(request, monkeypatch):
-    monkeypatch.setenv("ACCEL_KERNEL_IMPL", request.param)
-    return request.param
-
-
 def assert_close(actual: torch.Tensor, expected: torch.Tensor) -> None:
-    assert actual.dtype == expected.dtype and actual.shape == expected.shape
     if expected.dtype == torch.float32:
+        assert actual.dtype == expected.dtype
         torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-6)
     else:
-        err = (actual.float() - expected.float()).abs().max().item()
-        scale = expected.float().abs().max().item()
-        assert err <= 1e-2 * scale, f"max abs error {err} > 1e-2 * {scale}"
+        assert_close_scaled(actual, expected, 1e-2)
 
 
-def rotary(head_dim: int) -> LlamaRotaryEmbedding:
+def rotary(head_dim: int, device="cpu") -> LlamaRotaryEmbedding:
     config = LlamaConfig(
         hidden_size=H * head_dim,
         num_attention_heads=H,
@@ -45,14 +38,14 @@ def rotary(head_dim: int) -> LlamaRotaryEmbedding:
         head_dim=head_dim,
         max_position_embeddings=256,
     )
-    return LlamaRotaryEmbedding(config)
+    return LlamaRotaryEmbedding(config).to(device)
 
 
-def projections(dtype, head_dim, heads_dim=1, seed=0):
+def projections(dtype, head_dim, heads_dim=1, seed=0, device="cpu"):
     """q, k as a model makes them: (B, S, H, D) projections, transposed for heads_dim=1."""
     torch.manual_seed(seed)
-    q = torch.randn(B, S, H, head_dim, dtype=dtype)
-    k = torch.randn(B, S, HKV, head_dim, dtype=dtype)
+    q = torch.randn(B, S, H, head_dim, dtype=dtype).to(device)
+    k = torch.randn(B, S, HKV, head_dim, dtype=dtype).to(device)
     if heads_dim == 1:
         q, k = q.transpose(1, 2), k.transpose(1, 2)
     return q.requires_grad_(), k.requires_grad_()
@@ -76,25 +69,25 @@ def check_against(fn_ref, q, k, cos, sin, impl, **kw):
     return got
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-def test_matches_transformers(impl, dtype):
-    q, k = projections(dtype, head_dim=24)
-    position_ids = torch.stack([torch.arange(S), torch.arange(5, 5 + S)])
-    cos, sin = rotary(24)(q, position_ids)
+def test_matches_transformers(impl, device, dtype):
+    q, k = projections(dtype, head_dim=24, device=device)
+    position_ids = torch.stack([torch.arange(S), torch.arange(5, 5 + S)]).to(device)
+    cos, sin = rotary(24, device)(q, position_ids)
     check_against(hf_rope, q, k, cos, sin, impl)
 
 
-def test_packed_rows_equal_separate_examples(impl):
+def test_packed_rows_equal_separate_examples(impl, device):
     """position_ids restarting inside a row (padding-free batches) rotate each example as if
     it ran alone, because cos/sin are gathered per token."""
     lengths = [4, 3, 2, 11, 17]
     assert sum(lengths) == S
     position_ids = torch.cat([torch.arange(n) for n in lengths])[None]  # [[0,1,2,3,0,1,2,0,1,...]]
-    emb = rotary(24)
+    position_ids = position_ids.to(device)
+    emb = rotary(24, device)
     torch.manual_seed(1)
-    q = torch.randn(1, H, S, 24, requires_grad=True)
-    k = torch.randn(1, HKV, S, 24, requires_grad=True)
-    grads = (torch.randn(1, H, S, 24), torch.randn(1, HKV, S, 24))
+    q = torch.randn(1, H, S, 24).to(device).requires_grad_()
+    k = torch.randn(1, HKV, S, 24).to(device).requires_grad_()
+    grads = (torch.randn(1, H, S, 24).to(device), torch.randn(1, HKV, S, 24).to(device))
 
     cos, sin = emb(q, position_ids)
     packed = forward_backward(apply_rotary_pos_emb, q, k, cos, sin, grads)
@@ -107,7 +100,7 @@ def test_packed_rows_equal_separate_examples(impl):
         part = slice(start, start + n)
         q_i = q.detach()[:, :, part].clone().requires_grad_()
         k_i = k.detach()[:, :, part].clone().requires_grad_()
-        cos_i, sin_i = emb(q_i, torch.arange(n)[None])
+        cos_i, sin_i = emb(q_i, torch.arange(n, device=device)[None])
         grads_i = (grads[0][:, :, part], grads[1][:, :, part])
         alone = forward_backward(apply_rotary_pos_emb, q_i, k_i, cos_i, sin_i, grads_i)
         for p, a in zip(packed, alone):
@@ -115,18 +108,18 @@ def test_packed_rows_equal_separate_examples(impl):
         start += n
 
 
-def test_heads_on_dim_2_with_shared_positions(impl):
+def test_heads_on_dim_2_with_shared_positions(impl, device):
     """(B, S, H, D) layout with unsqueeze_dim=2, head_dim 40, cos/sin of batch 1."""
-    q, k = projections(torch.float32, head_dim=40, heads_dim=2, seed=2)
-    cos, sin = rotary(40)(q, torch.arange(S)[None])
+    q, k = projections(torch.float32, head_dim=40, heads_dim=2, seed=2, device=device)
+    cos, sin = rotary(40, device)(q, torch.arange(S, device=device)[None])
     assert cos.shape[0] == 1
     q_out, k_out, _, _ = check_against(hf_rope, q, k, cos, sin, impl, unsqueeze_dim=2)
     assert q_out.shape == (B, S, H, 40) and k_out.shape == (B, S, HKV, 40)
 
 
-def test_partial_rotary_matches_phi3(impl):
+def test_partial_rotary_matches_phi3(impl, device):
     """Rotary dim 16 of head dim 24: the last 8 dims pass through (Phi3 semantics)."""
-    q, k = projections(torch.float32, head_dim=24, seed=3)
+    q, k = projections(torch.float32, head_dim=24, seed=3, device=device)
     config = Phi3Config(
         hidden_size=H * 24,
         num_attention_heads=H,
@@ -134,8 +127,8 @@ def test_partial_rotary_matches_phi3(impl):
         partial_rotary_factor=16 / 24,
         max_position_embeddings=256,
     )
-    position_ids = torch.stack([torch.arange(S), torch.arange(7, 7 + S)])
-    cos, sin = Phi3RotaryEmbedding(config)(q, position_ids)
+    position_ids = torch.stack([torch.arange(S), torch.arange(7, 7 + S)]).to(device)
+    cos, sin = Phi3RotaryEmbedding(config).to(device)(q, position_ids)
     assert cos.shape[-1] == 16
     check_against(hf_partial_rope, q, k, cos, sin, impl)
 
@@ -153,9 +146,9 @@ def test_position_ids_argument_is_ignored_and_checked():
         apply_rotary_pos_emb(q, k, cos, sin[..., :12])
 
 
-def test_cos_sin_requiring_grad_fall_back_to_autograd(impl):
-    q, k = projections(torch.float32, head_dim=24, seed=4)
-    cos, sin = rotary(24)(q, torch.arange(S).expand(B, S))
+def test_cos_sin_requiring_grad_fall_back_to_autograd(impl, device):
+    q, k = projections(torch.float32, head_dim=24, seed=4, device=device)
+    cos, sin = rotary(24, device)(q, torch.arange(S, device=device).expand(B, S))
     cos, sin = cos.clone().requires_grad_(), sin.clone().requires_grad_()
     q_out, k_out = apply_rotary_pos_emb(q, k, cos, sin)
     d_cos, d_sin = torch.autograd.grad((q_out.sum() + k_out.sum()), (cos, sin))

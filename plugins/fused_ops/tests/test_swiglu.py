@@ -16,25 +16,18 @@ from transformers.models.gemma.modeling_gemma import GemmaMLP
 from transformers.models.gemma3.modeling_gemma3 import Gemma3MLP
 from transformers.models.llama.modeling_llama import LlamaMLP
 
+from accel.testing import assert_close_scaled
 from accel_fused_ops.kernels.swiglu import activation_params, gated_activation, geglu, swiglu
 
 SHAPE = (3, 37, 129)  # 14319 elements: 14 programs of 1024, the last one masked
 
 
-@pytest.fixture(params=["triton", "torch"])
-def impl(request, monkeypatch):
-    monkeypatch.setenv("ACCEL_KERNEL_IMPL", request.param)
-    return request.param
-
-
 def assert_close(actual: torch.Tensor, expected: torch.Tensor) -> None:
-    assert actual.dtype == expected.dtype and actual.shape == expected.shape
     if expected.dtype == torch.float32:
+        assert actual.dtype == expected.dtype
         torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-5)
     else:
-        err = (actual.float() - expected.float()).abs().max().item()
-        scale = expected.float().abs().max().item()
-        assert err <= 1e-2 * scale, f"max abs error {err} > 1e-2 * {scale}"
+        assert_close_scaled(actual, expected, 1e-2)
 
 
 OPS = {
@@ -57,19 +50,18 @@ def check(op, act_name, gate, up, impl):
         assert torch.equal(out, expected)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("act_name", list(OPS))
-def test_matches_transformers_activation(impl, act_name, dtype):
+def test_matches_transformers_activation(impl, device, act_name, dtype):
     torch.manual_seed(0)
-    gate = (2.0 * torch.randn(SHAPE)).to(dtype).requires_grad_()  # reaches the tails
-    up = torch.randn(SHAPE, dtype=dtype, requires_grad=True)
+    gate = (2.0 * torch.randn(SHAPE)).to(device, dtype).requires_grad_()  # reaches the tails
+    up = torch.randn(SHAPE, dtype=dtype).to(device).requires_grad_()
     check(OPS[act_name], act_name, gate, up, impl)
 
 
-def test_slices_of_a_fused_gate_up_projection(impl):
+def test_slices_of_a_fused_gate_up_projection(impl, device):
     """gate/up as column halves of one (..., 2I) output (row stride 2I) need no copy."""
     torch.manual_seed(1)
-    fused = torch.randn(2, 37, 2 * 129, requires_grad=True)
+    fused = torch.randn(2, 37, 2 * 129).to(device).requires_grad_()
     gate, up = fused.chunk(2, dim=-1)
     expected = torch.nn.functional.silu(gate) * up
     grad_out = torch.randn_like(expected)
@@ -80,9 +72,9 @@ def test_slices_of_a_fused_gate_up_projection(impl):
     assert_close(grad, exp_grad)
 
 
-def test_backward_keeps_only_gate_and_up(impl):
-    gate = torch.randn(SHAPE, dtype=torch.bfloat16, requires_grad=True)
-    up = torch.randn(SHAPE, dtype=torch.bfloat16, requires_grad=True)
+def test_backward_keeps_only_gate_and_up(impl, device):
+    gate = torch.randn(SHAPE, dtype=torch.bfloat16).to(device).requires_grad_()
+    up = torch.randn(SHAPE, dtype=torch.bfloat16).to(device).requires_grad_()
     saved = []
 
     def pack(t):
@@ -129,11 +121,11 @@ def test_activation_params_rejects_other_activations(activation):
         activation_params(activation)
 
 
-def test_patched_mlp_equals_module(impl):
+def test_patched_mlp_equals_module(impl, device):
     """What a patched Gemma MLP computes: down(gated_activation(gate, up, **params))."""
     torch.manual_seed(2)
-    mlp = GemmaMLP(tiny(GemmaConfig))
-    x = torch.randn(2, 5, 16)
+    mlp = GemmaMLP(tiny(GemmaConfig)).to(device)
+    x = torch.randn(2, 5, 16).to(device)
     fused = mlp.down_proj(
         gated_activation(mlp.gate_proj(x), mlp.up_proj(x), **activation_params(mlp))
     )

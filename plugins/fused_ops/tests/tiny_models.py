@@ -1,7 +1,9 @@
-"""Tiny models of every supported architecture, fixed batches and a plain AdamW loop.
+"""The model-level tests' tiny models, fixed batches and a plain AdamW loop.
 
-Shared by the model-level tests: hidden 64, 2 layers, vocab 128, fp32, dropouts 0, weights
-from a fixed seed, so two builds of one architecture are identical.
+Models come from ``accel.testing`` at size ``"small"`` (hidden 64, 2 layers, vocab 128, fp32,
+dropouts 0) with each architecture's optional paths on (``features=True``: router logits,
+Granite's multipliers, Gemma's soft-cap and tied embeddings), so that two builds of one
+architecture are identical and every path a patch must keep is exercised.
 """
 
 from __future__ import annotations
@@ -11,87 +13,17 @@ from typing import Any
 
 import torch
 
-# Tiny ops on a shared 2-core machine run several times faster on one intra-op thread than on
-# two (the second thread mostly spins), and results do not depend on it.
-torch.set_num_threads(1)
+from accel import testing
+from accel_fused_ops.support import ALL_MODEL_TYPES as MODEL_TYPES
 
-VOCAB = 128
-_COMMON = {
-    "vocab_size": VOCAB,
-    "hidden_size": 64,
-    "intermediate_size": 128,
-    "num_hidden_layers": 2,
-    "num_attention_heads": 4,
-    "num_key_value_heads": 2,
-    "max_position_embeddings": 128,
-    "attention_dropout": 0.0,
-    "tie_word_embeddings": False,
-}
-_EXTRA: dict[str, dict[str, Any]] = {
-    "llama": {},
-    "mistral": {},
-    "mixtral": {"num_local_experts": 4, "num_experts_per_tok": 2, "output_router_logits": True},
-    "granite": {"logits_scaling": 4.0, "residual_multiplier": 0.5, "embedding_multiplier": 2.0},
-    "granitemoe": {
-        "num_local_experts": 4,
-        "num_experts_per_tok": 2,
-        "output_router_logits": True,
-        "logits_scaling": 4.0,
-    },
-    "qwen2": {},
-    "qwen3": {"head_dim": 16},
-    "gemma2": {"head_dim": 16, "tie_word_embeddings": True, "final_logit_softcapping": 5.0},
-    "gemma3_text": {"head_dim": 16, "tie_word_embeddings": True, "final_logit_softcapping": 5.0},
-}
-MODEL_TYPES = (*_EXTRA, "gemma3", "gpt_bigcode")
+__all__ = ["MODEL_TYPES", "VOCAB", "batches", "tiny_model", "train_losses"]
 
-
-def tiny_config(model_type: str) -> Any:
-    from transformers import AutoConfig, Gemma3Config
-
-    if model_type == "gpt_bigcode":
-        return AutoConfig.for_model(
-            "gpt_bigcode",
-            vocab_size=VOCAB,
-            n_embd=64,
-            n_layer=2,
-            n_head=4,
-            n_positions=128,
-            resid_pdrop=0.0,
-            embd_pdrop=0.0,
-            attn_pdrop=0.0,
-            bos_token_id=1,
-            eos_token_id=2,
-        )
-    if model_type == "gemma3":
-        text = {k: v for k, v in _COMMON.items() if k != "tie_word_embeddings"}
-        return Gemma3Config(
-            text_config={**text, "head_dim": 16},
-            vision_config={
-                "hidden_size": 32,
-                "intermediate_size": 64,
-                "num_hidden_layers": 1,
-                "num_attention_heads": 2,
-                "image_size": 28,
-                "patch_size": 14,
-            },
-            mm_tokens_per_image=4,
-            image_token_index=VOCAB - 1,
-            boi_token_index=VOCAB - 3,
-            eoi_token_index=VOCAB - 2,
-        )
-    return AutoConfig.for_model(model_type, **{**_COMMON, **_EXTRA[model_type]})
+VOCAB = testing.SIZES["small"]["vocab_size"]
 
 
 def tiny_model(model_type: str, seed: int = 0) -> Any:
     """A freshly initialised tiny model; the same ``seed`` gives the same weights."""
-    from transformers import AutoModelForCausalLM, Gemma3ForConditionalGeneration
-
-    torch.manual_seed(seed)
-    config = tiny_config(model_type)
-    if model_type == "gemma3":
-        return Gemma3ForConditionalGeneration(config).float()
-    return AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    return testing.tiny_model(model_type, size="small", features=True, seed=seed)
 
 
 def batches(n: int = 3, batch: int = 4, seq: int = 24, seed: int = 1) -> list[dict[str, Any]]:
