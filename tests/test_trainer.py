@@ -110,17 +110,6 @@ def test_alora_without_invocation_string_is_an_error(base_args):
         accel.train({**base_args, "peft_method": "alora"})
 
 
-def test_save_model_dir_written_atomically_and_replaced(base_args, tmp_path):
-    target = tmp_path / "final"
-    target.mkdir()
-    (target / "old-model.txt").write_text("previous model")
-    result = accel.train({**base_args, "save_model_dir": str(target), "max_steps": 2})
-    assert result.model_dir == str(target.resolve())
-    assert (target / "config.json").is_file() and (target / "tokenizer.json").is_file()
-    assert not (target / "old-model.txt").exists()
-    assert not list(tmp_path.glob(".final.*"))  # no staging folders left behind
-
-
 def test_resume_from_newest_complete_checkpoint(base_args):
     args = {**base_args, "max_steps": 4, "save_strategy": "steps", "save_steps": 2}
     accel.train(args)

@@ -1,34 +1,391 @@
-"""Which checkpoint a run resumes from."""
+"""Which checkpoint a run resumes from, and whether it can be trusted.
+
+A checkpoint is resumable only when it holds the whole training state transformers' Trainer
+writes: ``trainer_state.json``, the model or adapter weights, the optimizer
+(``optimizer.pt``; FSDP: ``optimizer.bin`` or an ``optimizer_0`` folder), ``scheduler.pt`` and
+the RNG state (``rng_state.pth``, or ``rng_state_<rank>.pth`` per process). ``save_only_model``
+writes only the weights and ``trainer_state.json``: such a checkpoint is refused, because
+resuming from it would silently restart the optimizer and the learning-rate schedule.
+
+Every file is checked cheaply, before any model loads: JSON files parse, a safetensors file's
+size equals what its header declares, torch files (``.pt``/``.pth``/``.bin``) are zip archives
+whose directory is intact (a killed save truncates the end of a file, where both live).
+Auto-resume skips a damaged or unfinished newest checkpoint with a warning and takes the
+previous complete one; an explicit ``resume_from_checkpoint`` that is damaged is an error naming
+the file. Checkpoints of another model (different architecture or shape, full weights vs an
+adapter) are an error: training on would mix two runs in one folder.
+"""
 
 from __future__ import annotations
 
+import json
+import logging
+import re
+import struct
+import zipfile
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 from ..errors import ConfigError
 
+logger = logging.getLogger("accel")
 
-def resolve_resume(value: Any, output_dir: str) -> str | None:
-    """``None``/"true": newest complete checkpoint in output_dir (if any); "false": none;
-    anything else: that checkpoint path, which must exist."""
+TRAINER_STATE = "trainer_state.json"
+_CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
+_WEIGHTS = re.compile(
+    r"^(model|adapter_model|pytorch_model)(-\d+-of-\d+)?\.(safetensors|bin)$"
+    r"|^(model|pytorch_model)\.(safetensors|bin)\.index\.json$"
+    r"|^pytorch_model_fsdp(_\d+)?(_rank\d+)?(\.bin)?$"
+    r"|^global_step\d+$"
+)
+_OPTIMIZER = re.compile(
+    r"^optimizer\.(pt|bin)$|^optimizer_\d+(_rank\d+\.bin)?$|^rank\d+-of-\d+-optimizer\.pt$"
+    r"|^global_step\d+$"
+)
+_RNG = re.compile(r"^rng_state(_(\d+))?\.pth$")
+# Config keys that fix the shapes of a model's weights: a checkpoint whose values differ
+# belongs to another model.
+_SHAPE_KEYS = (
+    "model_type",
+    "hidden_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "intermediate_size",
+    "vocab_size",
+    "head_dim",
+    "num_local_experts",
+    "num_experts",
+    "n_embd",
+    "n_layer",
+    "n_head",
+)
+_PEFT_TYPES = {"lora": "LORA", "alora": "LORA", "pt": "PROMPT_TUNING"}
+
+
+class CheckpointProblem(Exception):
+    """Why one checkpoint folder cannot be resumed from (internal; becomes a warning or error)."""
+
+    def __init__(self, message: str, kind: str) -> None:
+        super().__init__(message)
+        self.kind = kind  # "damaged", "not_checkpoint", "model_only", "foreign"
+
+
+def resolve_resume(
+    value: Any,
+    output_dir: str,
+    *,
+    model_config: Any = None,
+    tuning: Any = None,
+    world_size: int = 1,
+    warn: bool = True,
+) -> str | None:
+    """``None``/"true": the newest resumable checkpoint in output_dir (if any); "false": none;
+    anything else: that checkpoint path, which must be resumable.
+
+    ``model_config`` (the run's model config) and ``tuning`` (its TuningArguments) let a
+    checkpoint of another model be told apart; ``warn`` is false on all but the main process.
+    """
     text = str(value).strip().lower() if value is not None else ""
     if text in ("false", "no", "0"):
         return None
     if text in ("", "true", "yes", "1", "none"):
-        return newest_checkpoint(output_dir)
-    if not Path(value).is_dir():
+        return newest_checkpoint(
+            output_dir, model_config=model_config, tuning=tuning, world_size=world_size, warn=warn
+        )
+    path = Path(value)
+    if not path.is_dir():
         raise ConfigError(f"resume_from_checkpoint '{value}' is not a checkpoint directory")
+    try:
+        check_checkpoint(path, model_config=model_config, tuning=tuning, world_size=world_size)
+    except CheckpointProblem as problem:
+        raise ConfigError(f"resume_from_checkpoint '{value}': {problem}") from None
     return str(value)
 
 
-def newest_checkpoint(output_dir: str) -> str | None:
-    """The highest-numbered ``checkpoint-N`` that was completely written (has trainer_state.json)."""
+def newest_checkpoint(
+    output_dir: str,
+    *,
+    model_config: Any = None,
+    tuning: Any = None,
+    world_size: int = 1,
+    warn: bool = True,
+) -> str | None:
+    """The highest-numbered ``checkpoint-N`` in output_dir that can be resumed from.
+
+    Damaged, unfinished or non-checkpoint folders are skipped with a warning; a model-only
+    checkpoint or another model's checkpoint is an error (resuming past it would lose its
+    progress; training on would mix two runs)."""
     root = Path(output_dir)
     if not root.is_dir():
         return None
     found = []
-    for path in root.glob("checkpoint-*"):
-        suffix = path.name.split("-", 1)[1]
-        if suffix.isdigit() and (path / "trainer_state.json").is_file():
-            found.append((int(suffix), path))
-    return str(max(found)[1]) if found else None
+    for path in root.iterdir():
+        match = _CHECKPOINT.match(path.name)
+        if match and path.is_dir():
+            found.append((int(match.group(1)), path))
+    for _, path in sorted(found, reverse=True):
+        try:
+            check_checkpoint(path, model_config=model_config, tuning=tuning, world_size=world_size)
+        except CheckpointProblem as problem:
+            if problem.kind in ("model_only", "foreign"):
+                raise ConfigError(f"{path}: {problem}") from None
+            if warn:
+                logger.warning("skipping %s: %s", path, problem)
+            continue
+        return str(path)
+    return None
+
+
+def check_checkpoint(
+    path: Path, *, model_config: Any = None, tuning: Any = None, world_size: int = 1
+) -> None:
+    """Raise :class:`CheckpointProblem` unless ``path`` holds a complete, intact training state
+    of this run's model."""
+    names = {p.name for p in path.iterdir()}
+    weights = sorted(n for n in names if _WEIGHTS.match(n))
+    optimizer = sorted(n for n in names if _OPTIMIZER.match(n))
+    rng = sorted(n for n in names if _RNG.match(n))
+    if TRAINER_STATE not in names:
+        if not weights and not optimizer:
+            raise CheckpointProblem(
+                "not a checkpoint (no trainer_state.json, no weights); "
+                "move it out of output_dir or rename it",
+                "not_checkpoint",
+            )
+        raise CheckpointProblem(
+            "trainer_state.json is missing: the save did not finish "
+            "(delete this folder to silence this warning)",
+            "damaged",
+        )
+    for name in sorted(names):
+        _check_file(path / name)
+    state = _read_json(path / TRAINER_STATE)
+    if not isinstance(state.get("global_step"), int):
+        raise CheckpointProblem(
+            "trainer_state.json has no global_step: not a Trainer checkpoint", "damaged"
+        )
+    if not weights:
+        raise CheckpointProblem("no model or adapter weights in it", "damaged")
+    _check_same_model(path, names, model_config, tuning)
+    if not optimizer and "scheduler.pt" not in names and not rng:
+        adapter = "adapter_config.json" in names
+        raise CheckpointProblem(
+            "holds the model weights only (saved with save_only_model True), not the optimizer, "
+            "scheduler and RNG state needed to resume. To train on from these weights with a new "
+            "optimizer, "
+            + (
+                "merge the adapter into its base model and pass that as model_name_or_path"
+                if adapter
+                else f"pass --model_name_or_path {path}"
+            )
+            + "; to start over, set resume_from_checkpoint False",
+            "model_only",
+        )
+    missing = []
+    if not optimizer:
+        missing.append("the optimizer state (optimizer.pt)")
+    if "scheduler.pt" not in names:
+        missing.append("scheduler.pt")
+    if not rng:
+        missing.append("the RNG state (rng_state.pth)")
+    elif world_size > 1 and "rng_state.pth" not in names:
+        absent = [
+            f"rng_state_{i}.pth" for i in range(world_size) if f"rng_state_{i}.pth" not in names
+        ]
+        if absent and len(absent) < world_size:
+            missing.append(", ".join(absent))
+    if missing:
+        raise CheckpointProblem(
+            f"{' and '.join(missing)} missing: the save did not finish", "damaged"
+        )
+
+
+def _check_file(path: Path) -> None:
+    """Cheap integrity checks by file type (folders: a torch.distributed.checkpoint needs its
+    ``.metadata``, written last)."""
+    name = path.name
+    if path.is_dir():
+        if (_WEIGHTS.match(name) or _OPTIMIZER.match(name)) and not name.startswith("global_step"):
+            meta = path / ".metadata"
+            if not meta.is_file() or meta.stat().st_size == 0:
+                raise CheckpointProblem(
+                    f"{name}/.metadata is missing: the save did not finish", "damaged"
+                )
+        return
+    if name.endswith(".json"):
+        _read_json(path)
+    elif name.endswith(".safetensors"):
+        _check_safetensors(path)
+    elif name.endswith((".pt", ".pth", ".bin")):
+        _check_torch_zip(path)
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CheckpointProblem(f"{path.name} is damaged ({_reason(exc)})", "damaged") from None
+    if not isinstance(data, dict):
+        raise CheckpointProblem(f"{path.name} is damaged (not a JSON object)", "damaged")
+    return data
+
+
+def _check_safetensors(path: Path) -> None:
+    """8-byte little-endian header length, a JSON header, and data that ends exactly at the
+    file's end (safetensors' own layout)."""
+    size = path.stat().st_size
+    try:
+        with path.open("rb") as fh:
+            if size < 8:
+                raise ValueError("shorter than its header")
+            (length,) = struct.unpack("<Q", fh.read(8))
+            if 8 + length > size:
+                raise ValueError("truncated header")
+            header = json.loads(fh.read(length))
+        end = max(
+            (int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"),
+            default=0,
+        )
+    except (OSError, ValueError, KeyError, TypeError, IndexError) as exc:
+        raise CheckpointProblem(f"{path.name} is damaged ({_reason(exc)})", "damaged") from None
+    if size != 8 + length + end:
+        raise CheckpointProblem(
+            f"{path.name} is truncated ({size} bytes, its header declares {8 + length + end})",
+            "damaged",
+        )
+
+
+def _check_torch_zip(path: Path) -> None:
+    """torch.save writes a zip archive; its central directory sits at the end of the file, so a
+    truncated file fails to open. Each member must also lie inside the file."""
+    size = path.stat().st_size
+    try:
+        with zipfile.ZipFile(path) as archive:
+            for info in archive.infolist():
+                if info.header_offset + info.compress_size > size:
+                    raise zipfile.BadZipFile(f"member {info.filename} lies past the end")
+    except (OSError, zipfile.BadZipFile, ValueError) as exc:
+        raise CheckpointProblem(f"{path.name} is damaged ({_reason(exc)})", "damaged") from None
+
+
+def _check_same_model(path: Path, names: set[str], model_config: Any, tuning: Any) -> None:
+    """Refuse a checkpoint of another model: full weights vs an adapter, another adapter type or
+    rank, or a config whose shape-defining values differ from this run's model."""
+    adapter = "adapter_config.json" in names
+    method = getattr(tuning, "peft_method", None)
+    if method is not None:
+        wants_adapter = method != "none"
+        if adapter != wants_adapter:
+            held = "a PEFT adapter" if adapter else "full model weights"
+            run = f"peft_method {method}" if wants_adapter else "full fine-tuning"
+            raise CheckpointProblem(_foreign(f"holds {held} but this run uses {run}"), "foreign")
+    if adapter:
+        cfg = _read_json(path / "adapter_config.json")
+        expected = _PEFT_TYPES.get(str(method))
+        if expected and cfg.get("peft_type") not in (None, expected):
+            raise CheckpointProblem(
+                _foreign(f"holds a {cfg.get('peft_type')} adapter, this run trains {expected}"),
+                "foreign",
+            )
+        if expected == "LORA" and tuning is not None and cfg.get("r") not in (None, tuning.r):
+            raise CheckpointProblem(
+                _foreign(f"holds a LoRA adapter of r {cfg.get('r')}, this run uses r {tuning.r}"),
+                "foreign",
+            )
+        base = cfg.get("base_model_name_or_path")
+        base_config = Path(str(base)) / "config.json" if base else None
+        held = _read_json(base_config) if base_config and base_config.is_file() else None
+    else:
+        held = _read_json(path / "config.json") if "config.json" in names else None
+    if held is None or model_config is None:
+        return
+    ours = model_config.to_dict() if hasattr(model_config, "to_dict") else dict(model_config)
+    diffs = [
+        f"{key} {held[key]} (this run: {ours[key]})"
+        for key in _SHAPE_KEYS
+        if key in held and key in ours and held[key] != ours[key]
+    ]
+    if diffs:
+        raise CheckpointProblem(_foreign("is another model's: " + ", ".join(diffs)), "foreign")
+
+
+def _foreign(what: str) -> str:
+    return (
+        f"{what}. Use another output_dir for this run, or set resume_from_checkpoint False to "
+        "start fresh beside these checkpoints"
+    )
+
+
+def _reason(exc: BaseException) -> str:
+    return str(exc).strip() or type(exc).__name__
+
+
+def schedule_mismatch_message(
+    saved_max_steps: int, max_steps: int, step: int, lrs: Iterable[float]
+) -> str:
+    """The warning for a resume whose total step count changed (see CheckpointMixin)."""
+    lr = ", ".join(f"{x:.3g}" for x in lrs)
+    return (
+        f"the checkpoint was trained towards max_steps {saved_max_steps}, this run goes "
+        f"to {max_steps}: the learning-rate schedule is rebuilt for {max_steps} steps and "
+        f"continues from step {step} at lr {lr} (the restored optimizer held the old "
+        "schedule's rate)"
+    )
+
+
+class CheckpointMixin:
+    """Trainer methods around checkpoints; mixed into AccelTrainer before ``Trainer``.
+
+    - After the optimizer and scheduler are restored, a changed total step count (a larger or
+      smaller ``max_steps`` than the checkpoint's run) rebuilds the schedule: transformers
+      restores ``scheduler.pt`` into a scheduler built for the new total, but the optimizer
+      keeps the old schedule's rate for one step, so a run resumed after its linear schedule
+      reached 0 would train at learning rate 0. The rate is set from the new schedule at the
+      restored step, with a warning.
+    - Weight files of a checkpoint get the user's umask (safetensors writes them 0600).
+    """
+
+    def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
+        super()._load_optimizer_and_scheduler(checkpoint)  # type: ignore[misc]
+        if checkpoint is None:
+            return
+        try:
+            saved = json.loads((Path(checkpoint) / TRAINER_STATE).read_text()).get("max_steps")
+        except (OSError, ValueError):
+            return
+        state, scheduler = self.state, self.lr_scheduler  # type: ignore[attr-defined]
+        if not isinstance(saved, int) or saved == state.max_steps or scheduler is None:
+            return
+        lambdas = getattr(scheduler, "lr_lambdas", None)
+        if lambdas is None:  # not a LambdaLR: nothing to recompute, say so
+            if self.is_world_process_zero():  # type: ignore[attr-defined]
+                logger.warning(
+                    "the checkpoint was trained towards max_steps %s, this run goes to "
+                    "%s; the restored %s scheduler is kept as it is",
+                    saved,
+                    state.max_steps,
+                    type(scheduler).__name__,
+                )
+            return
+        step = scheduler.last_epoch
+        lrs = [base * fn(step) for base, fn in zip(scheduler.base_lrs, lambdas)]
+        groups = scheduler.optimizer.param_groups
+        if all(abs(g["lr"] - lr) <= 1e-12 for g, lr in zip(groups, lrs)):
+            return  # e.g. a constant schedule: the total step count does not matter
+        for group, lr in zip(groups, lrs):
+            group["lr"] = lr
+        scheduler._last_lr = list(lrs)
+        if self.is_world_process_zero():  # type: ignore[attr-defined]
+            logger.warning(schedule_mismatch_message(saved, state.max_steps, step, lrs))
+
+    def _save_checkpoint(self, model: Any, trial: Any) -> None:
+        super()._save_checkpoint(model, trial)  # type: ignore[misc]
+        if self.args.should_save:  # type: ignore[attr-defined]
+            from .saving import apply_umask
+
+            run_dir = self._get_output_dir(trial=trial)  # type: ignore[attr-defined]
+            folder = Path(run_dir) / f"checkpoint-{self.state.global_step}"  # type: ignore[attr-defined]
+            if folder.is_dir():
+                apply_umask(p for p in folder.rglob("*.safetensors"))

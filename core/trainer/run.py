@@ -18,11 +18,12 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ConfigError
+from ..flags import sections_from_flags
 from ..framework import AccelerationFramework
 from ..registry import discover_plugins
 from .checkpoints import resolve_resume
 from .parsing import TrainConfig, parse_argv, parse_mapping
-from .saving import save_model_atomically
+from .saving import check_save_dir, save_final_model
 
 logger = logging.getLogger("accel")
 
@@ -53,11 +54,9 @@ def main_from_argv(argv: Sequence[str]) -> TrainResult:
 
 
 def build_framework(config: TrainConfig, available: Mapping[str, Any]) -> AccelerationFramework:
-    return AccelerationFramework.from_sources(
-        config.acceleration.acceleration_config,
-        plugins=config.plugins,
-        flags=config.flags,
-        available=available,
+    sections = sections_from_flags(config.flags, available)
+    return AccelerationFramework(
+        config.acceleration.acceleration_config, sections=sections, available=available
     )
 
 
@@ -86,6 +85,15 @@ def run(config: TrainConfig, available: Mapping[str, Any]) -> TrainResult:
     tokenizer = _load_tokenizer(config)
     model_config = transformers.AutoConfig.from_pretrained(config.model.model_name_or_path)
     framework.check_model(model_config)
+    check_save_dir(args.save_model_dir)
+    resume = resolve_resume(  # checked before the model loads: damaged, model-only, foreign
+        args.resume_from_checkpoint,
+        args.output_dir,
+        model_config=model_config,
+        tuning=config.tuning,
+        world_size=args.world_size,
+        warn=args.process_index == 0,
+    )
     model = framework.load_model(
         config.model.model_name_or_path, default=_default_loader, **_model_kwargs(config, torch)
     )
@@ -130,7 +138,6 @@ def run(config: TrainConfig, available: Mapping[str, Any]) -> TrainResult:
     if trainer.is_world_process_zero():
         print(framework.report(), flush=True)
 
-    resume = resolve_resume(args.resume_from_checkpoint, args.output_dir)
     if resume and trainer.is_world_process_zero():
         print(f"accel: resuming from {resume}", flush=True)
     start = time.perf_counter()
@@ -139,7 +146,7 @@ def run(config: TrainConfig, available: Mapping[str, Any]) -> TrainResult:
 
     model_dir = None
     if args.save_model_dir:
-        model_dir = save_model_atomically(trainer, args.save_model_dir)
+        model_dir = save_final_model(trainer, args.save_model_dir)
     export_dir = model_dir or args.output_dir
     if trainer.is_world_process_zero():
         framework.export(trainer.model, export_dir)
@@ -156,13 +163,18 @@ def run(config: TrainConfig, available: Mapping[str, Any]) -> TrainResult:
         "first_loss": losses[0] if losses else None,
         "final_loss": losses[-1] if losses else output.training_loss,
         "model_saved_to": model_dir or "(not saved: set save_model_dir)",
-        "logs": str(Path(args.output_dir).resolve() / "training_logs.jsonl"),
+        "logs": _logs_path(args.output_dir),
     }
     if trainer.is_world_process_zero():
         print(format_summary(summary), flush=True)
     return TrainResult(
         dict(output.metrics), summary, model_dir, framework, trainer.state.log_history
     )
+
+
+def _logs_path(output_dir: str) -> str:
+    path = Path(output_dir).resolve() / "training_logs.jsonl"
+    return str(path) if path.is_file() else "(none written: no step was logged)"
 
 
 def format_summary(summary: Mapping[str, Any]) -> str:

@@ -15,8 +15,10 @@ from typing import Any
 import torch
 from transformers import Trainer
 
+from .checkpoints import CheckpointMixin
 
-class AccelTrainer(Trainer):
+
+class AccelTrainer(CheckpointMixin, Trainer):
     def __init__(self, *args: Any, framework: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.framework = framework
