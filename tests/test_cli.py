@@ -81,9 +81,17 @@ def test_arguments_unknown_sample():
     assert out.returncode == 2 and "Did you mean 'fast-kernels'" in out.stderr
 
 
-def test_train_user_errors_exit_nonzero_without_traceback(tmp_path):
+def test_train_user_errors_exit_nonzero_without_traceback(tmp_path, train_jsonl):
     out = accel(
-        "train", "--model_name_or_path", "x", "--training_data_path", "y", "--fast_moe", "2"
+        "train",
+        "--model_name_or_path",
+        "x",
+        "--training_data_path",
+        str(train_jsonl),
+        "--data_formatter_template",
+        "{{input}} {{output}}",
+        "--fast_moe",
+        "2",
     )
     assert out.returncode == 2
     assert "python -m accel.cli install moe" in out.stderr and "Traceback" not in out.stderr
@@ -94,7 +102,9 @@ def test_train_user_errors_exit_nonzero_without_traceback(tmp_path):
         "--model_name_or_path",
         "x",
         "--training_data_path",
-        "y",
+        str(train_jsonl),
+        "--data_formatter_template",
+        "{{input}} {{output}}",
         "--acceleration_config",
         str(bad),
     )

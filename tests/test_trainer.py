@@ -65,7 +65,9 @@ def test_pretokenized_parquet_and_lora_all_linear(base_args, tmp_path):
     assert result.summary["train_steps"] == 4
 
 
-def test_lora_target_modules_semantics(tiny_model_dir):
+def test_lora_target_modules_semantics(tiny_model_dir, caplog):
+    """fms-hf-tuning: all-linear excludes the output layer; lm_head is tuned only when named
+    without all-linear; ["lm_head", "all-linear"] is all-linear alone, with a warning."""
     from transformers import AutoModelForCausalLM
 
     from accel.trainer.arguments import TuningArguments
@@ -83,9 +85,12 @@ def test_lora_target_modules_semantics(tiny_model_dir):
 
     all_linear = adapted(["all-linear"])
     assert "lm_head" not in all_linear and {"q_proj", "down_proj"} <= all_linear
-    with_head = adapted(["all-linear", "lm_head"])
-    assert with_head == all_linear | {"lm_head"}
+    with caplog.at_level("WARNING", logger="accel"):
+        assert adapted(["lm_head", "all-linear"]) == all_linear  # no lm_head
+    warning = next(r.getMessage() for r in caplog.records if "all-linear" in r.getMessage())
+    assert "'lm_head' is ignored" in warning and "q_proj" in warning and "lm_head" in warning
     assert adapted(["q_proj", "lm_head"]) == {"q_proj", "lm_head"}
+    assert adapted(["lm_head"]) == {"lm_head"}
 
 
 def test_alora_and_prompt_tuning_train(base_args):

@@ -108,8 +108,10 @@ def demo_assets(root: Path | None = None) -> DemoAssets:
     return assets
 
 
-def demo_arguments(assets: DemoAssets) -> dict[str, object]:
-    """Trainer arguments of the demo run; the user's own arguments override them."""
+def demo_arguments(assets: DemoAssets, output_dir: str | None = None) -> dict[str, object]:
+    """Trainer arguments of the demo run; the user's own arguments override them. The final
+    model is saved in ``<output_dir>/model``, so ``--output_dir X`` keeps everything under X."""
+    output_dir = output_dir or "accel-demo-output"
     return {
         "model_name_or_path": str(assets.model_dir),
         "training_data_path": str(assets.train_file),
@@ -117,8 +119,8 @@ def demo_arguments(assets: DemoAssets) -> dict[str, object]:
         "data_formatter_template": TEMPLATE,
         "response_template": RESPONSE_TEMPLATE,
         "max_seq_length": 64,
-        "output_dir": "accel-demo-output",
-        "save_model_dir": "accel-demo-output/model",
+        "output_dir": output_dir,
+        "save_model_dir": str(Path(output_dir) / "model"),
         "num_train_epochs": 3,
         "per_device_train_batch_size": 16,
         "learning_rate": 3e-3,

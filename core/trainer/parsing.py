@@ -13,9 +13,9 @@ import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
-from ..errors import ConfigError, did_you_mean
+from ..errors import ConfigError, did_you_mean, raise_argparse_error
 from ..registry import PluginInfo, all_flag_names, discover_plugins, installed_flags
 from .arguments import (
     AccelerationArguments,
@@ -55,7 +55,14 @@ def _field_names() -> set[str]:
 def _hf_parser() -> Any:
     from transformers import HfArgumentParser
 
-    return HfArgumentParser(ARGUMENT_CLASSES)
+    class TrainParser(HfArgumentParser):
+        """No abbreviations (a config file takes none either); errors are one ConfigError
+        line, not a usage dump."""
+
+        def error(self, message: str) -> NoReturn:
+            raise_argparse_error(message, self.prog)
+
+    return TrainParser(ARGUMENT_CLASSES, allow_abbrev=False)
 
 
 def build_parser(available: Mapping[str, PluginInfo] | None = None) -> argparse.ArgumentParser:
@@ -93,34 +100,61 @@ def build_parser(available: Mapping[str, PluginInfo] | None = None) -> argparse.
 def parse_argv(
     argv: Sequence[str], available: Mapping[str, PluginInfo] | None = None
 ) -> TrainConfig:
+    """``[RUN_CONFIG] [--flag value ...]``: flags override the run config file's values.
+
+    Only the options actually given are taken from the command line, and they go through
+    :func:`parse_mapping` like a config file's, so both are validated the same way."""
     available = discover_plugins() if available is None else available
     argv = list(argv)
-    if len(argv) == 1 and argv[0].endswith(CONFIG_SUFFIXES) and not argv[0].startswith("-"):
-        return parse_mapping(read_config_file(argv[0]), available, origin=argv[0])
-    parser = build_parser(available)
-    if "--demo" in argv:
-        from .demo import demo_arguments, demo_assets
+    data: dict[str, Any] = {}
+    origin = "arguments"
+    if argv and not argv[0].startswith("-"):
+        origin = argv.pop(0)
+        data = read_config_file(origin)
+    data.update(given_options(build_parser(available), argv))
+    return parse_mapping(data, available, origin=origin)
 
-        parser.set_defaults(**demo_arguments(demo_assets()))
-    namespace, rest = parser.parse_known_args(argv)
+
+def given_options(parser: argparse.ArgumentParser, argv: Sequence[str]) -> dict[str, Any]:
+    """The options present in ``argv`` (typed by the parser), without the defaults."""
+    for action in parser._actions:
+        if action.dest != "help":
+            action.default = argparse.SUPPRESS
+    namespace, rest = parser.parse_known_args(list(argv))
     if rest:
         bad = next((r for r in rest if r.startswith("-")), rest[0])
-        options = [a.lstrip("-") for a in parser._option_string_actions if a.startswith("--")]
+        if not bad.startswith("-") and bad.endswith(CONFIG_SUFFIXES):
+            raise ConfigError(
+                f"'{bad}': a run config file comes first: accel train {bad} [--flag value ...]"
+            )
+        options = {a.option_strings[0] for a in parser._actions if a.option_strings}
         raise ConfigError(
-            f"unknown argument '{bad}'.{did_you_mean(bad.lstrip('-'), options)} "
-            "Run `accel train --help` for the list."
+            f"unknown argument '{bad}'.{did_you_mean(bad.split('=')[0], options)} "
+            "Run `accel train --help` for the options."
         )
-    values = vars(namespace)
-    given = {name: values.pop(name, None) for name in all_flag_names(available)}
-    flags = {name: value for name, value in given.items() if value is not None}
-    demo = values.pop("demo")
-    return _assemble(values, flags, demo, "arguments")
+    return vars(namespace)
 
 
 def read_config_file(path: str) -> dict[str, Any]:
+    """Read a JSON or YAML run config (a mapping of argument names to values)."""
     target = Path(path)
-    if not target.is_file():
-        raise ConfigError(f"config file '{path}' does not exist")
+    kinds = ", ".join(CONFIG_SUFFIXES)
+    if target.is_dir():
+        raise ConfigError(
+            f"run config '{path}' is a folder; pass a run config file ({kinds}) or flags"
+        )
+    if not target.exists():
+        if target.suffix in CONFIG_SUFFIXES:
+            raise ConfigError(f"run config file '{path}' does not exist")
+        raise ConfigError(
+            f"'{path}' is neither an option (they start with --) nor a run config file "
+            f"({kinds}). Run `accel train --help` for the options."
+        )
+    if target.suffix not in CONFIG_SUFFIXES:
+        raise ConfigError(
+            f"run config '{path}' must be JSON or YAML, named with {kinds} "
+            f"(got '{target.suffix or 'no suffix'}')"
+        )
     if target.suffix == ".json":
         try:
             data = json.loads(target.read_text())
@@ -153,7 +187,7 @@ def parse_mapping(
     if demo:
         from .demo import demo_arguments, demo_assets
 
-        data = {**demo_arguments(demo_assets()), **data}
+        data = {**demo_arguments(demo_assets(), output_dir=data.get("output_dir")), **data}
     for key in data:
         if key not in fields and key not in flag_names:
             raise ConfigError(
@@ -187,7 +221,54 @@ def _construct(cls: type, values: dict[str, Any], origin: str = "arguments") -> 
         from ..schema import build_config
 
         return build_config(cls, values, origin, coerce=True)
+    values = _coerce_scalars(cls, values, origin)
+    from .distributed import prepare_training_values
+
+    prepare_training_values(values)  # before __post_init__ sets up accelerate's state
     try:
         return cls(**values)
     except (TypeError, ValueError) as err:
         raise ConfigError(f"{origin}: {err}") from None
+
+
+_SCALARS = (bool, int, float)
+
+
+def _coerce_scalars(cls: type, values: dict[str, Any], origin: str) -> dict[str, Any]:
+    """Numbers and booleans of transformers' TrainingArguments: a string is converted as on
+    the command line (``"1e-3"`` is 0.001 in a config file too), anything else of the wrong
+    type is an error naming the key."""
+    import typing
+
+    hints = typing.get_type_hints(cls)
+    out = dict(values)
+    for name, value in values.items():
+        hint = hints.get(name)
+        options = [a for a in typing.get_args(hint) if a is not type(None)] or [hint]
+        if value is None or len(options) != 1 or options[0] not in _SCALARS:
+            continue
+        out[name] = _scalar(name, value, options[0], origin)
+    return out
+
+
+def _scalar(name: str, value: Any, kind: type, origin: str) -> Any:
+    expected = {bool: "true or false", int: "an integer", float: "a number"}[kind]
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+        text = str(value).strip().lower() if isinstance(value, (str, int)) else None
+        if text in ("true", "yes", "y", "t", "on", "1"):
+            return True
+        if text in ("false", "no", "n", "f", "off", "0"):
+            return False
+    elif not isinstance(value, bool):
+        if isinstance(value, int) or (kind is float and isinstance(value, float)):
+            return kind(value)
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, str):
+            try:
+                return kind(value.strip())
+            except ValueError:
+                pass
+    raise ConfigError(f"{origin}: {name}: got {value!r}, expected {expected}")

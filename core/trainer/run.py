@@ -17,11 +17,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..errors import ConfigError
-from ..flags import sections_from_flags
 from ..framework import AccelerationFramework
 from ..registry import discover_plugins
 from .checkpoints import resolve_resume
+from .loading import default_loader, load_model_config, load_tokenizer, model_kwargs
 from .parsing import TrainConfig, parse_argv, parse_mapping
 from .saving import check_save_dir, save_final_model
 
@@ -54,9 +53,11 @@ def main_from_argv(argv: Sequence[str]) -> TrainResult:
 
 
 def build_framework(config: TrainConfig, available: Mapping[str, Any]) -> AccelerationFramework:
-    sections = sections_from_flags(config.flags, available)
-    return AccelerationFramework(
-        config.acceleration.acceleration_config, sections=sections, available=available
+    return AccelerationFramework.from_sources(
+        config.acceleration.acceleration_config,
+        plugins=config.plugins,
+        flags=config.flags,
+        available=available,
     )
 
 
@@ -64,26 +65,19 @@ def run(config: TrainConfig, available: Mapping[str, Any]) -> TrainResult:
     import torch
     import transformers
 
-    if not config.model.model_name_or_path:
-        raise ConfigError(
-            "model_name_or_path is required (or pass --demo for the embedded tiny model)"
-        )
-    if not config.data.training_data_path:
-        raise ConfigError(
-            "training_data_path is required (or pass --demo for the embedded dataset)"
-        )
+    from .preflight import check_before_loading
+
+    check_before_loading(config)  # values, paths, data files, model folder: nothing heavy yet
     args = config.training
-    if args.eval_strategy != "no" and not config.data.validation_data_path:
-        raise ConfigError(
-            f"eval_strategy is '{args.eval_strategy.value}' but there is no validation data; "
-            "set validation_data_path or eval_strategy 'no'"
-        )
+    from . import distributed
+
+    distributed.check_launch(config)
     framework = build_framework(config, available)
     _configure_logging(args)
     transformers.set_seed(args.seed)
 
-    tokenizer = _load_tokenizer(config)
-    model_config = transformers.AutoConfig.from_pretrained(config.model.model_name_or_path)
+    tokenizer = load_tokenizer(config)
+    model_config = load_model_config(config.model.model_name_or_path)
     framework.check_model(model_config)
     check_save_dir(args.save_model_dir)
     resume = resolve_resume(  # checked before the model loads: damaged, model-only, foreign
@@ -95,7 +89,7 @@ def run(config: TrainConfig, available: Mapping[str, Any]) -> TrainResult:
         warn=args.process_index == 0,
     )
     model = framework.load_model(
-        config.model.model_name_or_path, default=_default_loader, **_model_kwargs(config, torch)
+        config.model.model_name_or_path, default=default_loader, **model_kwargs(config, torch)
     )
     if args.gradient_checkpointing:
         model.config.use_cache = False
@@ -134,6 +128,8 @@ def run(config: TrainConfig, available: Mapping[str, Any]) -> TrainResult:
     )
     for callback in framework.callbacks(model, trainer.accelerator):
         trainer.add_callback(callback)
+    distributed.check_engaged(trainer, config)
+    trainer.add_callback(distributed.make_engaged_check_callback(trainer))
 
     if trainer.is_world_process_zero():
         print(framework.report(), flush=True)
@@ -157,6 +153,7 @@ def run(config: TrainConfig, available: Mapping[str, Any]) -> TrainResult:
         "runtime_s": round(runtime, 2),
         "train_steps": trainer.state.global_step,
         "processes": args.world_size,
+        "distributed": distributed.describe(trainer),
         "train_tokens": tokens,
         "train_tokens_per_s": round(tokens / runtime, 1) if runtime > 0 else math.nan,
         "dataset_tokens_per_s": round(real_tokens / runtime, 1) if runtime > 0 else math.nan,
@@ -180,40 +177,22 @@ def _logs_path(output_dir: str) -> str:
 def format_summary(summary: Mapping[str, Any]) -> str:
     width = max(len(k) for k in summary)
     lines = ["", "=" * 60, "accel training summary", "-" * 60]
-    lines += [f"{k:<{width}} : {v}" for k, v in summary.items()]
+    lines += [f"{k:<{width}} : {_shown(v)}" for k, v in summary.items()]
     lines.append("=" * 60)
     return "\n".join(lines)
+
+
+def _shown(value: Any) -> Any:
+    """Floats to 4 significant digits (whole numbers from 1000 up): 4.142, not 4.141703287."""
+    if not isinstance(value, float) or not math.isfinite(value):
+        return value
+    return f"{value:.0f}" if abs(value) >= 1000 else f"{value:.4g}"
 
 
 def _configure_logging(args: Any) -> None:
     if not logging.getLogger().handlers:
         logging.basicConfig(format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     logger.setLevel(logging.INFO if args.process_index == 0 else logging.WARNING)
-
-
-def _load_tokenizer(config: TrainConfig) -> Any:
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(
-        config.model.tokenizer_name_or_path or config.model.model_name_or_path
-    )
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    return tokenizer
-
-
-def _model_kwargs(config: TrainConfig, torch: Any) -> dict[str, Any]:
-    dtype = config.model.torch_dtype
-    kwargs: dict[str, Any] = {"dtype": dtype if dtype == "auto" else getattr(torch, dtype)}
-    if config.model.attn_implementation:
-        kwargs["attn_implementation"] = config.model.attn_implementation
-    return kwargs
-
-
-def _default_loader(name_or_path: str, **kwargs: Any) -> Any:
-    from transformers import AutoModelForCausalLM
-
-    return AutoModelForCausalLM.from_pretrained(name_or_path, **kwargs)
 
 
 def _datasets(
@@ -230,7 +209,7 @@ def _datasets(
         train_ds = framework.prepare_dataset(train_ds, tokenizer, args)
         eval_ds = None
         if config.data.validation_data_path:
-            eval_raw = load_data_file(config.data.validation_data_path)
+            eval_raw = load_data_file(config.data.validation_data_path, "validation_data_path")
             eval_ds = tokenize_dataset(
                 eval_raw, tokenizer, config.data, config.data.validation_data_path
             )

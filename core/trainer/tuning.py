@@ -2,39 +2,72 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
-from ..errors import ConfigError
+from ..errors import ConfigError, did_you_mean
 from .arguments import TuningArguments
 
+logger = logging.getLogger("accel")
 
-def resolve_target_modules(targets: list[str]) -> str | list[str]:
-    """``all-linear`` means every linear layer but the output layer (PEFT's own rule);
-    ``lm_head`` named explicitly (alone or next to ``all-linear``) adapts the output layer too."""
-    if "all-linear" not in targets:
-        return list(targets)
-    rest = [t for t in targets if t != "all-linear"]
-    if not rest:
-        return "all-linear"
-    if rest == ["lm_head"]:
-        return ["all-linear-with-lm-head"]  # expanded by expand_all_linear below
-    raise ConfigError(
-        f"target_modules: 'all-linear' can only be combined with 'lm_head', got {targets}"
+
+def linear_layer_names(model: Any) -> list[str]:
+    """The distinct last names of the model's linear layers (nn.Linear, GPT-2's Conv1D, and
+    quantized linears, which all carry ``Linear`` in their class name)."""
+    import torch
+
+    return sorted(
+        {
+            name.rsplit(".", 1)[-1]
+            for name, module in model.named_modules()
+            if name
+            and (
+                isinstance(module, torch.nn.Linear)
+                or type(module).__name__ in ("Conv1D",)
+                or "Linear" in type(module).__name__
+            )
+        }
     )
 
 
-def expand_all_linear(model: Any, targets: str | list[str]) -> str | list[str]:
-    """Expand the internal marker for ``all-linear`` + ``lm_head`` into explicit module names."""
-    if targets != ["all-linear-with-lm-head"]:
-        return targets
-    import torch
+def resolve_target_modules(targets: list[str], model: Any = None) -> str | list[str]:
+    """fms-hf-tuning's rule: ``all-linear`` selects every linear layer except the output layer,
+    and a list holding ``all-linear`` means all-linear alone; ``lm_head`` is tuned only when
+    named explicitly without ``all-linear``. Names ignored next to all-linear are warned about."""
+    if "all-linear" not in targets:
+        return list(targets)
+    ignored = [t for t in targets if t != "all-linear"]
+    if ignored:
+        layers = [n for n in linear_layer_names(model) if n != "lm_head"] if model else []
+        example = (
+            " ".join([*layers, "lm_head"]) if layers else "q_proj k_proj v_proj o_proj lm_head"
+        )
+        logger.warning(
+            "target_modules: 'all-linear' selects every linear layer except the output layer and "
+            "overrides the other names, so %s %s ignored (lm_head is not tuned). To tune lm_head "
+            "too, list every layer by name instead: --target_modules %s",
+            ", ".join(repr(t) for t in ignored),
+            "is" if len(ignored) == 1 else "are",
+            example,
+        )
+    return "all-linear"
 
-    names = {
-        name.split(".")[-1]
-        for name, mod in model.named_modules()
-        if isinstance(mod, torch.nn.Linear)
-    }
-    return sorted(names | {"lm_head"})
+
+def check_targets_exist(model: Any, targets: list[str]) -> None:
+    """Every name in ``targets`` must match a module the way PEFT matches (the full name, or
+    its ending after a dot); PEFT itself only fails when *no* name matches."""
+    names = [name for name, _ in model.named_modules() if name]
+    unmatched = [t for t in targets if not any(n == t or n.endswith("." + t) for n in names)]
+    if not unmatched:
+        return
+    layers = linear_layer_names(model)
+    hint = did_you_mean(unmatched[0], layers)
+    raise ConfigError(
+        f"target_modules {', '.join(repr(t) for t in unmatched)} "
+        f"{'matches' if len(unmatched) == 1 else 'match'} no module of "
+        f"{type(model).__name__}.{hint} Its linear layers are: {', '.join(layers)} "
+        "(or use 'all-linear')."
+    )
 
 
 def build_peft_config(model: Any, tokenizer: Any, tuning: TuningArguments) -> Any | None:
@@ -45,7 +78,14 @@ def build_peft_config(model: Any, tokenizer: Any, tuning: TuningArguments) -> An
     import peft
 
     if method in ("lora", "alora"):
-        targets = expand_all_linear(model, resolve_target_modules(tuning.target_modules))
+        if not tuning.target_modules:
+            raise ConfigError(
+                "target_modules is empty; name the layers to adapt (e.g. q_proj v_proj) or "
+                "pass 'all-linear'"
+            )
+        targets = resolve_target_modules(tuning.target_modules, model)
+        if isinstance(targets, list):
+            check_targets_exist(model, targets)
         kwargs: dict[str, Any] = {}
         if method == "alora":
             if not tuning.invocation_string:
