@@ -10,6 +10,7 @@ JSON, Python) a value must already have its type: ``fast_loss: "true"`` is an er
 from __future__ import annotations
 
 import dataclasses
+import json
 import types
 import typing
 from collections.abc import Mapping
@@ -138,7 +139,23 @@ def convert_fields(
                 f"{where}: unknown key '{key}'.{did_you_mean(str(key), fields)} "
                 f"Valid keys: {', '.join(fields)}."
             )
-    return {name: _convert(data[name], hints[name], f"{where}.{name}", coerce) for name in data}
+    return {name: _field(data[name], hints[name], f"{where}.{name}", coerce) for name in data}
+
+
+def _field(value: Any, tp: Any, where: str, coerce: bool) -> Any:
+    """:func:`_convert`, with a hint when a typed source quoted a value (``"true"``, ``"16"``)."""
+    try:
+        return _convert(value, tp, where, coerce)
+    except ConfigError as err:
+        if coerce or not isinstance(value, str):
+            raise
+        try:
+            as_word = _convert(value, tp, where, True)
+        except ConfigError:
+            raise err from None
+        if isinstance(as_word, str):
+            raise
+        raise ConfigError(f"{err} (write {json.dumps(as_word)} without quotes)") from None
 
 
 def build_config(

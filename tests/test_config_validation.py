@@ -83,6 +83,7 @@ def test_yaml_values_keep_their_type_a_quoted_bool_is_an_error(tmp_path):
     assert "plugins.training.kernels.fast_loss: got 'true', expected true or false" in str(
         err.value
     )
+    assert "(write true without quotes)" in str(err.value)
     assert str(path) in str(err.value)  # names the file the value came from
 
 
