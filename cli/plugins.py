@@ -20,6 +20,7 @@ def _installed_rows() -> list[dict[str, Any]]:
                 "version": info.version,
                 "config_paths": list(cls.config_paths),
                 "flags": [f"--{f.name}" for f in cls.flags],
+                "flag_usage": [f.usage() for f in cls.flags],
                 "model_types": list(cls.model_types) if cls.model_types is not None else "any",
                 "requires": list(cls.requires),
             }
@@ -67,7 +68,7 @@ def run_plugins(args: Any) -> int:
     for row in installed:
         print(f"  {row['name']}  [{row['package']} {row['version']}]")
         print(f"      config paths: {', '.join('plugins.' + p for p in row['config_paths'])}")
-        print(f"      flags:        {', '.join(row['flags']) or '-'}")
+        print(f"      flags:        {'; '.join(row['flag_usage']) or '-'}")
         models = row["model_types"]
         print(f"      models:       {models if isinstance(models, str) else ', '.join(models)}")
         if row["requires"]:
