@@ -216,6 +216,9 @@ def test_killed_checkpoint_save_resumes_from_the_previous_one(base_args, tmp_pat
     for step in (3, 4, 5, 6):  # retrained from checkpoint-2: the same trajectory
         assert got[step] == pytest.approx(expected[step], abs=1e-5)
     assert (out / "checkpoint-4" / "trainer_state.json").is_file()  # rewritten complete
+    # the log follows the resumed run: the killed run's steps 3-4 are not there twice
+    logged = [json.loads(x) for x in (out / "training_logs.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in logged if "loss" in r] == [1, 2, 3, 4, 5, 6]
 
 
 def test_larger_max_steps_rebuilds_the_schedule(out, base_args, caplog):

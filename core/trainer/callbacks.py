@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -16,6 +17,18 @@ class JsonlLogCallback(TrainerCallback):
     def __init__(self, output_dir: str) -> None:
         self.path = Path(output_dir) / "training_logs.jsonl"
 
+    def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        """On resume, drop the records of steps after the checkpoint (training that was redone)
+        and a line cut off by a killed process, so the log follows the resumed run."""
+        if not state.is_world_process_zero or not state.global_step or not self.path.is_file():
+            return
+        text = self.path.read_text()
+        kept = [line for line in text.splitlines(keepends=True) if _before(line, state.global_step)]
+        if "".join(kept) != text:
+            tmp = self.path.with_name(f".{self.path.name}.accel-tmp")
+            tmp.write_text("".join(kept))
+            os.replace(tmp, self.path)
+
     def on_log(
         self, args: Any, state: Any, control: Any, logs: dict | None = None, **kwargs: Any
     ) -> None:
@@ -25,6 +38,15 @@ class JsonlLogCallback(TrainerCallback):
         record = {"step": state.global_step, "epoch": state.epoch, "timestamp": time.time(), **logs}
         with self.path.open("a") as fh:
             fh.write(json.dumps(record) + "\n")
+
+
+def _before(line: str, step: int) -> bool:
+    if not line.endswith("\n"):
+        return False  # cut off mid-write
+    try:
+        return int(json.loads(line).get("step", 0)) <= step
+    except (ValueError, TypeError, AttributeError):
+        return True  # not a record of ours: keep it
 
 
 class PluginSaveCallback(TrainerCallback):
