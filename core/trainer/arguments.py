@@ -27,6 +27,13 @@ class ModelArguments:
     attn_implementation: str | None = field(
         default=None, metadata={"help": "eager, sdpa, flex_attention, flash_attention_2, ..."}
     )
+    fsdp_size: int | None = field(
+        default=None,
+        metadata={
+            "help": "Shard the model at load time over this many processes with transformers' "
+            "own FSDP2 (DistributedConfig(fsdp_size=N)); works on CPU/gloo. Launch with torchrun."
+        },
+    )
 
 
 @dataclass

@@ -45,6 +45,26 @@ class AccelTrainer(CheckpointMixin, Trainer):
             )
         return super().training_step(model, inputs, *args, **kwargs)
 
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        """The final model is always a full Hugging Face model. Under FSDP with a sharded state
+        dict, transformers' ``save_model`` writes nothing (the shards go into checkpoints), so
+        for a final save the state dict type is switched to FULL_STATE_DICT for the duration:
+        every rank joins the gather, rank 0 writes."""
+        plugin = getattr(self.accelerator.state, "fsdp_plugin", None)
+        if _internal_call or not self.is_fsdp_enabled or plugin is None:
+            return super().save_model(output_dir, _internal_call)
+        if "FULL_STATE_DICT" in str(plugin.state_dict_type):
+            return super().save_model(output_dir, _internal_call)
+        saved = (plugin.state_dict_type, plugin.state_dict_config, plugin.optim_state_dict_config)
+        plugin.state_dict_config = plugin.optim_state_dict_config = None
+        plugin.set_state_dict_type("FULL_STATE_DICT")
+        try:
+            super().save_model(output_dir, _internal_call)
+        finally:
+            (plugin.state_dict_type, plugin.state_dict_config, plugin.optim_state_dict_config) = (
+                saved
+            )
+
     def global_token_counts(self) -> tuple[int, int]:
         """Token counts summed over all processes."""
         counts = torch.tensor(

@@ -1,0 +1,220 @@
+"""Choosing and checking the distributed engine of a run (DDP, accelerate's FSDP, transformers' FSDP2).
+
+accel writes no parallelism of its own. Its job here is to configure the engines so that the
+launchers users already run (``torchrun``, ``accelerate launch``) do what they say, and to stop
+before training when what was asked for did not engage:
+
+- **DDP on a machine without an accelerator.** accelerate enters its multi-CPU mode only when
+  ``use_cpu`` is set (``accelerate/state.py``, ``_prepare_backend``); without it ``torchrun``
+  gives N independent single-process runs. :func:`prepare_training_values` sets ``use_cpu`` and
+  the gloo backend when several processes were launched and no GPU-like device is present. It
+  must run before transformers' ``TrainingArguments`` is built: its ``__post_init__`` touches
+  ``self.device``, which creates accelerate's ``PartialState`` once and for all. On CUDA
+  nothing changes (NCCL).
+- **FSDP through accelerate** (``accelerate launch --config_file fsdp.yaml`` sets
+  ``ACCELERATE_USE_FSDP``; transformers' ``--fsdp`` builds the plugin itself). accelerate turns
+  FSDP on only for GPU-like distributed types, so on CPU it silently stays DDP.
+  :func:`check_engaged` compares what the Trainer's accelerator set up with what was asked for.
+- **FSDP2 at load time** (``fsdp_size``): ``from_pretrained(distributed_config=
+  DistributedConfig(fsdp_size=N))``, transformers' own engine, which shards on CPU/gloo too.
+  Trainer checkpoints cannot be resumed with such a model (transformers refuses them), so the
+  combination is refused in :func:`check_launch` before anything loads.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import MutableMapping
+from pathlib import Path
+from typing import Any
+
+from ..errors import ConfigError
+
+FSDP_ENV = "ACCELERATE_USE_FSDP"
+
+
+def world_size() -> int:
+    """Processes the launcher started (torchrun and accelerate launch both set WORLD_SIZE)."""
+    try:
+        return int(os.environ.get("WORLD_SIZE", "1"))
+    except ValueError:
+        return 1
+
+
+def gpu_like_available() -> bool:
+    """Whether accelerate would pick a GPU-like backend (NCCL & co.) rather than gloo."""
+    import torch
+
+    if torch.cuda.is_available():
+        return True
+    xpu = getattr(torch, "xpu", None)
+    return bool(xpu is not None and xpu.is_available())
+
+
+def prepare_training_values(values: MutableMapping[str, Any]) -> None:
+    """Make a multi-process launch on a machine without an accelerator one DDP run on gloo.
+
+    Called on the values of transformers' TrainingArguments before it is constructed. An
+    explicit ``use_cpu`` or ``ddp_backend`` from the user is kept."""
+    if world_size() <= 1 or gpu_like_available():
+        return
+    values.setdefault("use_cpu", True)
+    if values.get("use_cpu") and not values.get("ddp_backend"):
+        values["ddp_backend"] = "gloo"
+
+
+def accelerate_fsdp_requested(args: Any) -> str | None:
+    """How FSDP through accelerate was asked for, in the user's words; None if it was not."""
+    if getattr(args, "fsdp", None):  # transformers turns the option string into True
+        return "--fsdp"
+    if os.environ.get(FSDP_ENV, "false").lower() in ("1", "true", "yes"):
+        return "an accelerate FSDP config (ACCELERATE_USE_FSDP=true)"
+    return None
+
+
+def requested_fsdp_version(args: Any) -> int:
+    """FSDP version asked for: ``fsdp_config['version']`` with ``--fsdp`` (transformers'
+    default 2), else the launcher's FSDP_VERSION (accelerate's default 1)."""
+    if getattr(args, "fsdp", None):
+        return int((getattr(args, "fsdp_config", None) or {}).get("version", 2))
+    return int(os.environ.get("FSDP_VERSION", "1"))
+
+
+def check_launch(config: Any) -> None:
+    """Refuse, before anything loads, distributed requests this launch cannot honour."""
+    args = config.training
+    world = world_size()
+    asked = accelerate_fsdp_requested(args)
+    fsdp_size = getattr(config.model, "fsdp_size", None)
+    if asked and fsdp_size:
+        raise ConfigError(
+            f"fsdp_size {fsdp_size} (transformers' FSDP2 at load time) and {asked} (accelerate's "
+            "FSDP) both shard the model; choose one"
+        )
+    if asked and world <= 1:
+        raise ConfigError(
+            f"FSDP was requested ({asked}) but this is a single process; launch several, e.g. "
+            "`accelerate launch --config_file fsdp.yaml -m accel.cli train ...` or "
+            "`torchrun --nproc_per_node N -m accel.cli train ...`"
+        )
+    if not fsdp_size:
+        return
+    if fsdp_size < 1 or world % fsdp_size or world == 1:
+        raise ConfigError(
+            f"fsdp_size {fsdp_size} needs a multi-process launch whose process count it divides "
+            f"(this launch has {world}); run `torchrun --nproc_per_node {max(fsdp_size, 2)} "
+            "-m accel.cli train ...`"
+        )
+    save = str(getattr(args.save_strategy, "value", args.save_strategy))
+    if save != "no" and not args.save_only_model:
+        raise ConfigError(
+            f"fsdp_size {fsdp_size}: transformers cannot checkpoint the optimizer of a model "
+            f"sharded at load time, so save_strategy '{save}' would write checkpoints nobody can "
+            "resume; set save_strategy 'no' (the final model still goes to save_model_dir) or "
+            "save_only_model True"
+        )
+    resume = str(args.resume_from_checkpoint or "").strip().lower()
+    fresh = resume in ("false", "no", "0")
+    auto = resume in ("", "true", "yes", "1", "none")
+    found = sorted(Path(args.output_dir).glob("checkpoint-*")) if auto else []
+    if not fresh and (not auto or found):
+        where = args.resume_from_checkpoint if not auto else f"{found[-1]} (auto-resume)"
+        raise ConfigError(
+            f"fsdp_size {fsdp_size}: cannot resume from {where}: transformers does not resume "
+            "Trainer checkpoints of a model sharded at load time; set resume_from_checkpoint "
+            "False to start fresh, or use accelerate's FSDP (`accelerate launch --config_file "
+            "fsdp.yaml`), which resumes from sharded checkpoints"
+        )
+
+
+def distributed_config(config: Any) -> Any:
+    """The DistributedConfig to load the model with, or None."""
+    fsdp_size = getattr(config.model, "fsdp_size", None)
+    if not fsdp_size:
+        return None
+    from transformers.distributed import DistributedConfig
+
+    return DistributedConfig(fsdp_size=fsdp_size)
+
+
+def check_engaged(trainer: Any, config: Any) -> None:
+    """After the Trainer is built: the engine asked for is the one accelerate set up."""
+    from accelerate.utils import DistributedType
+
+    args = config.training
+    accelerator = trainer.accelerator
+    kind = accelerator.distributed_type
+    world = world_size()
+    asked = accelerate_fsdp_requested(args)
+    if asked:
+        if kind != DistributedType.FSDP or not trainer.is_fsdp_enabled:
+            raise ConfigError(
+                f"FSDP was requested ({asked}) but accelerate set up {kind.value} on "
+                f"{accelerator.device.type}: accelerate runs FSDP only on GPU-like devices. "
+                "Run on GPUs, drop the FSDP request to train with DDP, or shard at load time with "
+                "transformers' FSDP2 (--fsdp_size N, works on CPU)"
+            )
+        wanted, got = requested_fsdp_version(args), accelerator.state.fsdp_plugin.fsdp_version
+        if wanted != got:
+            raise ConfigError(f"FSDP version {wanted} was requested but accelerate set up {got}")
+    if world > 1 and accelerator.num_processes != world:
+        raise ConfigError(
+            f"{world} processes were launched but accelerate set up {accelerator.num_processes} "
+            f"({kind.value}); on a machine without GPUs pass use_cpu True and ddp_backend gloo"
+        )
+    sharded = getattr(trainer.model, "is_distributed_loading_by_transformers", False) and any(
+        _is_dtensor(p) for p in trainer.model.parameters()
+    )
+    if getattr(config.model, "fsdp_size", None) and not sharded:
+        raise ConfigError(
+            f"fsdp_size {config.model.fsdp_size} was requested but the model was not sharded "
+            "at load time (a plugin that loads the model may not pass distributed_config)"
+        )
+
+
+def _is_dtensor(tensor: Any) -> bool:
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(tensor, DTensor)
+
+
+def describe(trainer: Any) -> str:
+    """One word for the summary: the engine that really runs."""
+    from accelerate.utils import DistributedType
+
+    if getattr(trainer.model, "is_distributed_loading_by_transformers", False):
+        return "fsdp2 (transformers, sharded at load time)"
+    kind = trainer.accelerator.distributed_type
+    if kind == DistributedType.FSDP:
+        return f"fsdp{trainer.accelerator.state.fsdp_plugin.fsdp_version} (accelerate)"
+    if kind == DistributedType.NO:
+        return "none"
+    return f"ddp ({trainer.accelerator.state.backend})"
+
+
+def make_engaged_check_callback(trainer: Any) -> Any:
+    """A callback that checks, once the model is wrapped and before the first step, that the
+    parameters really are what the engine produces (DTensors for FSDP2, a DDP wrapper for DDP)."""
+    from transformers import TrainerCallback
+
+    class EngagedCheck(TrainerCallback):
+        def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            from accelerate.utils import DistributedType
+
+            kind = trainer.accelerator.distributed_type
+            wrapped = trainer.model_wrapped
+            if kind == DistributedType.FSDP and trainer.accelerator.is_fsdp2:
+                if not any(_is_dtensor(p) for p in wrapped.parameters()):
+                    raise ConfigError("FSDP2 was set up but no parameter was sharded (DTensor)")
+            elif kind not in (DistributedType.NO, DistributedType.FSDP) and not getattr(
+                trainer.model, "is_distributed_loading_by_transformers", False
+            ):
+                from torch.nn.parallel import DistributedDataParallel
+
+                if not isinstance(wrapped, DistributedDataParallel):
+                    raise ConfigError(
+                        f"{kind.value} was set up but the model is not wrapped in DDP "
+                        f"({type(wrapped).__name__})"
+                    )
+
+    return EngagedCheck()
