@@ -40,9 +40,10 @@ def did_you_mean(word: str, choices: Iterable[str]) -> str:
     """Return ``" Did you mean 'x'?"`` for the closest choice (or the shortest choice that
     ``word`` begins, so a cut-off name such as ``resume`` still finds its option), or ``""``."""
     choices = list(choices)
-    close = difflib.get_close_matches(word, choices, n=1, cutoff=0.6)
-    if not close and len(word) >= 3:
-        close = sorted((c for c in choices if c.startswith(word)), key=len)[:1]
+    close = (
+        sorted((c for c in choices if c.startswith(word)), key=len)[:1] if len(word) >= 4 else []
+    )
+    close = close or difflib.get_close_matches(word, choices, n=1, cutoff=0.6)
     return f" Did you mean '{close[0]}'?" if close else ""
 
 

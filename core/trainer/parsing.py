@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -228,7 +229,21 @@ def _construct(cls: type, values: dict[str, Any], origin: str = "arguments") -> 
     try:
         return cls(**values)
     except (TypeError, ValueError) as err:
-        raise ConfigError(f"{origin}: {err}") from None
+        raise ConfigError(f"{origin}: {_explain(err, values)}") from None
+
+
+def _explain(err: Exception, values: Mapping[str, Any]) -> str:
+    """transformers' "x is not a valid SaveStrategy, please select one of [...]" names no key:
+    add the key and the closest choice."""
+    match = re.match(r"(.+) is not a valid \w+, please select one of \[(.*)\]", str(err))
+    if not match:
+        return str(err)
+    value, choices = match[1], [c.strip(" '") for c in match[2].split(",")]
+    key = next((k for k, v in values.items() if str(v) == value), None)
+    return (
+        f"{key or 'a value'}: got '{value}', expected one of {', '.join(map(repr, choices))}."
+        f"{did_you_mean(value, choices)}"
+    )
 
 
 _SCALARS = (bool, int, float)
