@@ -78,7 +78,8 @@ class TuningArguments:
         default_factory=lambda: ["q_proj", "v_proj"],
         metadata={
             "help": "Modules to adapt; 'all-linear' adapts every linear layer except the output "
-            "layer; name 'lm_head' explicitly to adapt it.",
+            "layer (other names next to it are ignored); to adapt 'lm_head', name it with the "
+            "other layers, without 'all-linear'.",
             "nargs": "+",
         },
     )

@@ -72,7 +72,8 @@ def build_parser(available: Mapping[str, PluginInfo] | None = None) -> argparse.
     parser = _hf_parser()
     parser.prog = "accel train"
     parser.description = (
-        "Fine-tune a causal LM. Pass options as flags, or a single JSON/YAML config file. "
+        "Fine-tune a causal LM. Pass options as flags, or a JSON/YAML run config file "
+        "first, optionally followed by flags that override it. "
         "Acceleration flags come from the installed plugins (see `accel plugins`)."
     )
     parser.add_argument(
