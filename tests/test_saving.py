@@ -151,3 +151,49 @@ def test_save_model_dir_that_is_a_file_is_refused_before_training(base_args, tmp
     with pytest.raises(ConfigError, match="lies under the file"):
         accel.train({**base_args, "save_model_dir": str(path / "sub")})
     assert path.read_text() == "not a folder"
+
+
+def _torchrun(port: int, args: dict, tmp_path: Path, name: str):
+    import subprocess
+    import sys
+
+    path = tmp_path / f"{name}.json"
+    path.write_text(json.dumps(args))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
+    cmd += ["--master_port", str(port), "-m", "accel.cli", "train", str(path)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return proc.stdout + proc.stderr
+
+
+def test_two_process_run_saves_once_beside_its_checkpoints_and_resumes(base_args, tmp_path):
+    """torchrun, 2 gloo processes: every rank joins save_model, rank 0 alone moves the files in;
+    a checkpoint missing one rank's RNG state is skipped (warned once) for the previous one."""
+    out = Path(base_args["output_dir"])
+    args = {
+        **base_args,
+        "per_device_train_batch_size": 4,
+        "save_strategy": "steps",
+        "save_steps": 2,
+        "save_model_dir": str(out),
+    }
+    _torchrun(29660, args, tmp_path, "first")
+    for step in (2, 4):
+        names = {p.name for p in (out / f"checkpoint-{step}").iterdir()}
+        assert {"rng_state_0.pth", "rng_state_1.pth", "optimizer.pt"} <= names
+    assert _loss_steps(out / "training_logs.jsonl") == [1, 2, 3, 4]
+    assert (out / "model.safetensors").is_file() and not (out / STAGING).exists()
+
+    (out / "checkpoint-4" / "rng_state_1.pth").unlink()  # rank 1 was killed before writing it
+    text = _torchrun(29661, {**args, "max_steps": 6}, tmp_path, "resumed")
+    assert text.count("skipping") == 1 and "rng_state_1.pth missing" in text
+    assert f"resuming from {out / 'checkpoint-2'}" in text
+    assert _loss_steps(out / "training_logs.jsonl") == [1, 2, 3, 4, 5, 6]
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == [
+        "checkpoint-2",
+        "checkpoint-4",
+        "checkpoint-6",
+    ]
+    final, last = _weights(out), _weights(out / "checkpoint-6")
+    assert all((final[k] == last[k]).all() for k in final)

@@ -326,7 +326,7 @@ def schedule_mismatch_message(
     saved_max_steps: int, max_steps: int, step: int, lrs: Iterable[float]
 ) -> str:
     """The warning for a resume whose total step count changed (see CheckpointMixin)."""
-    lr = ", ".join(f"{x:.3g}" for x in lrs)
+    lr = ", ".join(dict.fromkeys(f"{x:.3g}" for x in lrs))  # one per distinct group rate
     return (
         f"the checkpoint was trained towards max_steps {saved_max_steps}, this run goes "
         f"to {max_steps}: the learning-rate schedule is rebuilt for {max_steps} steps and "
