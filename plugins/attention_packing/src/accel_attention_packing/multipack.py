@@ -54,9 +54,9 @@ from accel.errors import ConfigError
 logger = logging.getLogger(__name__)
 
 
-class OversizeError(ConfigError, ValueError):
-    """Examples longer than the token budget, with ``oversize="error"`` (a user's setting:
-    the CLI prints it as one error line)."""
+class PackingError(ConfigError, ValueError):
+    """The user's settings make the packing impossible (examples over the token budget with
+    ``oversize="error"``, nothing left to pack): an accel error, so the CLI prints one line."""
 
 
 Oversize = Literal["error", "report"]
@@ -224,7 +224,7 @@ def plan_epoch(
             shown = ", ".join(f"#{int(i)} ({int(sizes_all[i])} tokens)" for i in over[:5])
             more = f" and {over.size - 5} more" if over.size > 5 else ""
             if oversize == "error":
-                raise OversizeError(
+                raise PackingError(
                     f"{over.size} example(s) are longer than max_tokens_per_rank="
                     f"{max_tokens_per_rank}: {shown}{more}. Raise max_tokens_per_rank, "
                     "truncate examples (max_seq_length), or set oversize='report' to skip them"
@@ -245,7 +245,7 @@ def plan_epoch(
     sizes = sizes_all[order]
     n = sizes.size
     if n == 0:
-        raise ValueError("multipack has no example to pack (empty dataset, or all skipped)")
+        raise PackingError("multipack has no example to pack (empty dataset, or all skipped)")
 
     size_list = sizes.tolist()
     if max_tokens_per_rank is not None:
