@@ -20,7 +20,7 @@ verification is the model):
 Combining results (in the resolved plugin order):
 
 - single owner: at most one active plugin implements it (checked at activation); the
-  owner's result is used, or the core's default when there is no owner;
+  owner's result is used, or the core's default when there is no owner or it returns None;
 - chained: the value(s) named in ``threads`` go through every implementing plugin, each
   receiving what the previous one returned;
 - fan-out: every implementing plugin runs; hooks that return lists have them joined.
