@@ -98,6 +98,7 @@ def test_no_intact_checkpoint_left_starts_fresh(out, caplog):
     with caplog.at_level(logging.WARNING, logger="accel"):
         assert resolve_resume(None, str(out)) is None
     assert "model.safetensors is truncated" in caplog.text
+    assert "no intact checkpoint left" in caplog.text
 
 
 def test_folders_that_are_not_checkpoints_are_skipped(out, caplog):
@@ -237,3 +238,25 @@ def test_larger_max_steps_rebuilds_the_schedule(out, base_args, caplog):
     # from step 4: lr(step n) = 1e-3 * (8 - (n - 1)) / 8
     for step in (5, 6, 7, 8):
         assert lrs[step] == pytest.approx(1e-3 * (8 - (step - 1)) / 8, rel=1e-6)
+
+
+def test_sharded_weights_need_every_shard_of_their_index(out, caplog):
+    from safetensors.torch import load_file, save_file
+
+    folder = out / "checkpoint-4"
+    tensors = load_file(str(folder / "model.safetensors"))
+    (folder / "model.safetensors").unlink()
+    names = sorted(tensors)
+    shards = {"model-00001-of-00002.safetensors": names[::2]}
+    shards["model-00002-of-00002.safetensors"] = names[1::2]
+    for file, keys in shards.items():
+        save_file({k: tensors[k] for k in keys}, str(folder / file), metadata={"format": "pt"})
+    weight_map = {k: file for file, keys in shards.items() for k in keys}
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    assert resolve_resume(None, str(out)) == str(folder)  # sharded and complete: fine
+    (folder / "model-00002-of-00002.safetensors").unlink()
+    with caplog.at_level(logging.WARNING, logger="accel"):
+        assert resolve_resume(None, str(out)) == str(out / "checkpoint-2")
+    assert "model-00002-of-00002.safetensors, listed in model.safetensors.index.json" in (
+        caplog.text
+    )

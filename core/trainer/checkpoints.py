@@ -100,7 +100,12 @@ def resolve_resume(
     try:
         check_checkpoint(path, model_config=model_config, tuning=tuning, world_size=world_size)
     except CheckpointProblem as problem:
-        raise ConfigError(f"resume_from_checkpoint '{value}': {problem}") from None
+        fix = {
+            "damaged": "; name an intact checkpoint, or leave resume_from_checkpoint unset to "
+            "resume from the newest intact one in output_dir",
+            "not_checkpoint": "; to start from a model's weights, pass it as model_name_or_path",
+        }.get(problem.kind, "")
+        raise ConfigError(f"resume_from_checkpoint '{value}': {problem}{fix}") from None
     return str(value)
 
 
@@ -125,6 +130,7 @@ def newest_checkpoint(
         match = _CHECKPOINT.match(path.name)
         if match and path.is_dir():
             found.append((int(match.group(1)), path))
+    skipped = 0
     for _, path in sorted(found, reverse=True):
         try:
             check_checkpoint(path, model_config=model_config, tuning=tuning, world_size=world_size)
@@ -132,9 +138,17 @@ def newest_checkpoint(
             if problem.kind in ("model_only", "foreign"):
                 raise ConfigError(f"{path}: {problem}") from None
             if warn:
-                logger.warning("skipping %s: %s", path, problem)
+                hint = (
+                    "rename it or move it out of output_dir to silence this"
+                    if problem.kind == "not_checkpoint"
+                    else "falling back to an earlier one; delete this folder once not needed"
+                )
+                logger.warning("skipping %s: %s (%s)", path, problem, hint)
+                skipped += problem.kind == "damaged"
             continue
         return str(path)
+    if skipped:
+        logger.warning("no intact checkpoint left in %s: training starts from step 0", root)
     return None
 
 
@@ -150,13 +164,11 @@ def check_checkpoint(
     if TRAINER_STATE not in names:
         if not weights and not optimizer:
             raise CheckpointProblem(
-                "not a checkpoint (no trainer_state.json, no weights); "
-                "move it out of output_dir or rename it",
+                "not a checkpoint (no trainer_state.json, no weights)",
                 "not_checkpoint",
             )
         raise CheckpointProblem(
-            "trainer_state.json is missing: the save did not finish "
-            "(delete this folder to silence this warning)",
+            "trainer_state.json is missing: the save did not finish",
             "damaged",
         )
     for name in sorted(names):
@@ -214,7 +226,15 @@ def _check_file(path: Path) -> None:
                     f"{name}/.metadata is missing: the save did not finish", "damaged"
                 )
         return
-    if name.endswith(".json"):
+    if name.endswith(".index.json"):
+        shards = _read_json(path).get("weight_map")
+        if not isinstance(shards, dict):
+            raise CheckpointProblem(f"{name} is damaged (no weight_map)", "damaged")
+        files = {str(f) for f in shards.values()}
+        absent = sorted(f for f in files if not (path.parent / f).is_file())
+        if absent:
+            raise CheckpointProblem(f"{absent[0]}, listed in {name}, is missing", "damaged")
+    elif name.endswith(".json"):
         _read_json(path)
     elif name.endswith(".safetensors"):
         _check_safetensors(path)
