@@ -99,6 +99,8 @@ def test_cli_parse_errors_exit_2_with_one_line(args):
     ("change", "message"),
     [
         ({"learning_rate": -1e-3}, "learning_rate is -0.001; it must be >= 0"),
+        ({"attn_implementation": "sdpaa"}, "attn_implementation 'sdpaa' .*Did you mean 'sdpa'"),
+        ({"output_dir": ""}, "output_dir is empty"),
         ({"per_device_train_batch_size": 0}, "per_device_train_batch_size is 0; it must be at"),
         ({"gradient_accumulation_steps": 0}, "gradient_accumulation_steps is 0"),
         ({"max_seq_length": 0}, "max_seq_length is 0; it must be at least 1"),
@@ -202,7 +204,28 @@ def test_template_without_placeholder_is_refused(base_args):
         check({**base_args, "data_formatter_template": "### Input: text ### Response:"})
 
 
-def test_null_text_in_parquet_names_column_and_row(tiny_model_dir, tmp_path):
+@pytest.mark.parametrize("kind", ["parquet", "arrow"])
+def test_null_values_in_tables_name_file_column_and_row(base_args, cipher_rows, tmp_path, kind):
+    import datasets
+
+    rows = [dict(r) for r in cipher_rows[:4]]
+    rows[2]["output"] = None
+    ds = datasets.Dataset.from_list(rows)
+    if kind == "parquet":
+        path = tmp_path / "train.parquet"
+        ds.to_parquet(str(path))
+    else:
+        ds.save_to_disk(str(tmp_path / "arrow"))
+        path = next((tmp_path / "arrow").glob("*.arrow"))
+    with pytest.raises(ConfigError, match=rf"{path.name}, row 2: column 'output' is null"):
+        check({**base_args, "training_data_path": str(path)})
+    broken = tmp_path / "broken.parquet"
+    broken.write_bytes(b"not parquet")
+    with pytest.raises(ConfigError, match="could not read .*broken.parquet as parquet"):
+        check({**base_args, "training_data_path": str(broken)})
+
+
+def test_null_text_at_tokenization_names_column_and_row(tiny_model_dir, tmp_path):
     import datasets
     from transformers import AutoTokenizer
 
@@ -330,6 +353,9 @@ def test_demo_run_is_quiet_rounded_and_saves_under_output_dir(tmp_path):
         "no",
         "--peft_method",
         "lora",
+        "--target_modules",
+        "lm_head",
+        "all-linear",
         "--disable_tqdm",
         "true",
         env={"ACCEL_CACHE": str(tmp_path / "cache"), "TRANSFORMERS_VERBOSITY": "warning"},
@@ -337,6 +363,7 @@ def test_demo_run_is_quiet_rounded_and_saves_under_output_dir(tmp_path):
     assert out.returncode == 0, out.stderr[-3000:]
     for noise in NOISE:
         assert noise not in out.stdout + out.stderr, noise
+    assert "'lm_head' is ignored" in out.stderr  # accel's own warnings still show
     assert (tmp_path / "X" / "model" / "adapter_config.json").is_file()
     final = next(line for line in out.stdout.splitlines() if line.startswith("final_loss"))
     digits = final.split(":")[1].strip().replace(".", "").lstrip("0")

@@ -97,25 +97,21 @@ def json_records(file: Path) -> Iterator[tuple[int, dict[str, Any]]]:
 
 
 def check_data_file(path: str, key: str, data_args: DataArguments) -> None:
-    """Cheap checks of a data argument before any model loads. JSON and JSONL files are read
-    through (syntax, emptiness, columns, null values); parquet files by their metadata."""
+    """Cheap checks of a data argument before any model loads: JSON and JSONL files are read
+    through (syntax, emptiness, columns, null values); parquet and arrow files as tables of
+    just the columns used."""
     check_template(data_args.data_formatter_template)
     kind, files = data_files(path, key)
-    if kind == "parquet":
-        import pyarrow.parquet as pq
-
-        if sum(pq.read_metadata(f).num_rows for f in files) == 0:
-            raise ConfigError(f"{key} '{path}' holds no examples")
-        check_columns(pq.read_schema(files[0]).names, data_args, f"{key} '{path}'")
-        return
+    where = f"{key} '{path}'"
     if kind != "json":
+        for file in files:
+            _check_table(file, kind, where, data_args)
         return
     used: list[str] | None = None
     for file in files:
         for number, row in json_records(file):
             if used is None:
-                mode = check_columns(list(row), data_args, f"{key} '{path}'")
-                used = _used_columns(mode, data_args)
+                used = _used_columns(check_columns(list(row), data_args, where), data_args)
             for column in used:
                 if row.get(column) is None:
                     raise ConfigError(
@@ -124,7 +120,39 @@ def check_data_file(path: str, key: str, data_args: DataArguments) -> None:
                         "the example"
                     )
     if used is None:
-        raise ConfigError(f"{key} '{path}' holds no examples (empty file)")
+        raise ConfigError(f"{where} holds no examples (empty file)")
+
+
+def _check_table(file: Path, kind: str, where: str, data_args: DataArguments) -> None:
+    """A parquet or arrow file: readable, not empty, the columns used present and not null."""
+    import pyarrow.compute as pc
+
+    try:
+        if kind == "parquet":
+            import pyarrow.parquet as pq
+
+            columns = pq.read_schema(file).names
+            used = _used_columns(check_columns(columns, data_args, where), data_args)
+            table = pq.read_table(file, columns=used)
+        else:
+            import datasets
+
+            table = datasets.Dataset.from_file(str(file)).data.table  # memory-mapped
+            used = _used_columns(check_columns(table.column_names, data_args, where), data_args)
+    except ConfigError:
+        raise
+    except Exception as err:
+        raise ConfigError(f"{where}: could not read {file} as {kind}: {err}") from None
+    if table.num_rows == 0:
+        raise ConfigError(f"{where} holds no examples ({file.name} is empty)")
+    for column in used:
+        nulls = pc.is_null(table.column(column))
+        if pc.any(nulls).as_py():
+            row = pc.index(nulls, True).as_py()
+            raise ConfigError(
+                f"{file}, row {row}: column '{column}' is null ({where.split()[0]}); fill it in "
+                "or remove the example"
+            )
 
 
 def _used_columns(mode: str, data_args: DataArguments) -> list[str]:

@@ -189,21 +189,22 @@ def _check_torch_file(file: Path) -> None:
 def check_tokenizer_source(config: TrainConfig) -> None:
     """A tokenizer is where the arguments say: its own path, or files next to the model."""
     name = config.model.tokenizer_name_or_path
-    if name:
-        if is_local(name) and not Path(name).expanduser().exists():
-            raise ConfigError(f"tokenizer_name_or_path '{name}' does not exist")
+    key = "tokenizer_name_or_path" if name else "model_name_or_path"
+    name = name or config.model.model_name_or_path
+    if not is_local(name):
         return
-    model = config.model.model_name_or_path
-    folder = Path(model).expanduser()
-    if (
-        is_local(model)
-        and folder.is_dir()
-        and not any((folder / f).is_file() for f in TOKENIZER_FILES)
-    ):
+    folder = Path(name).expanduser()
+    if not folder.exists():
+        raise ConfigError(f"{key} '{name}' does not exist; pass a folder or a hub id 'org/name'")
+    if folder.is_dir() and not any((folder / f).is_file() for f in TOKENIZER_FILES):
+        fix = (
+            "pass a folder holding a saved tokenizer"
+            if key == "tokenizer_name_or_path"
+            else "pass tokenizer_name_or_path, or save the tokenizer next to the model"
+        )
         raise ConfigError(
-            f"model_name_or_path '{model}' has no tokenizer files (tokenizer.json, "
-            "tokenizer_config.json, ...); pass tokenizer_name_or_path, or save the tokenizer "
-            "next to the model"
+            f"{key} '{name}' has no tokenizer files (tokenizer.json, tokenizer_config.json, "
+            f"...); {fix}"
         )
 
 
@@ -259,3 +260,9 @@ def default_loader(name_or_path: str, **kwargs: Any) -> Any:
         ) from None
     except OSError as err:
         raise _load_error("model", name_or_path, err) from None
+    except (ValueError, ImportError) as err:
+        attention = kwargs.get("attn_implementation")
+        if attention and ("attn" in str(err) or "ttention" in str(err)):
+            what = f"model with attn_implementation '{attention}'"
+            raise _load_error(what, name_or_path, err) from None
+        raise

@@ -15,7 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ..errors import ConfigError
+from ..errors import ConfigError, did_you_mean
 
 if TYPE_CHECKING:
     from .parsing import TrainConfig
@@ -51,6 +51,7 @@ def check_before_loading(config: TrainConfig) -> None:
     """Every check that needs no model, in the order a user would fix them."""
     check_required(config)
     check_values(config)
+    check_attention(config.model.attn_implementation)
     check_output_dir(config.training.output_dir)
     check_data(config)
     from .loading import check_model_source, check_tokenizer_source
@@ -94,8 +95,24 @@ def check_values(config: TrainConfig) -> None:
             raise ConfigError(f"{key} is {value!r}; it must be {must}")
 
 
+def check_attention(name: str | None) -> None:
+    """A known attention implementation, or a hub kernel (``org/name``) left to transformers."""
+    if name is None or "/" in name:
+        return
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    known = ["eager", *ALL_ATTENTION_FUNCTIONS.valid_keys()]
+    if name not in known:
+        raise ConfigError(
+            f"attn_implementation '{name}' is not known to transformers.{did_you_mean(name, known)}"
+            f" Known: {', '.join(known)}, or a hub kernel such as 'kernels-community/flash-attn'."
+        )
+
+
 def check_output_dir(path: str, key: str = "output_dir") -> None:
     """``path`` is a folder, or can be created as one, and can be written."""
+    if not str(path).strip():
+        raise ConfigError(f"{key} is empty; pass the folder for checkpoints and logs")
     target = Path(path).expanduser()
     if target.exists() and not target.is_dir():
         raise ConfigError(f"{key} '{path}' is a file; pass a folder (it is created if missing)")
