@@ -109,14 +109,18 @@ class TrainingArguments(transformers.TrainingArguments):
 
     output_dir: str = field(default="output", metadata={"help": "Checkpoints and logs go here."})
     save_model_dir: str | None = field(
-        default=None, metadata={"help": "Save the final model here (written atomically)."}
+        default=None,
+        metadata={
+            "help": "Save the final model here (may be output_dir; files already there that "
+            "are not a previous model's are kept)."
+        },
     )
     logging_steps: float = field(default=1, metadata={"help": "Log every N steps."})
     save_strategy: str = field(default="epoch", metadata={"help": "no, steps or epoch."})
     resume_from_checkpoint: str | None = field(
         default=None,
         metadata={
-            "help": "Unset: resume from the newest checkpoint in output_dir if there is one; "
-            "False: start fresh; a path: resume from that checkpoint."
+            "help": "Unset: resume from the newest intact full-state checkpoint in output_dir "
+            "if there is one; False: start fresh; a path: resume from that checkpoint."
         },
     )
