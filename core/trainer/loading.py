@@ -77,6 +77,14 @@ def check_model_source(name: str, key: str = "model_name_or_path") -> None:
             f"{transformers.__version__}.{did_you_mean(model_type, CONFIG_MAPPING_NAMES)} "
             "Fix config.json or upgrade transformers."
         )
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    if model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        raise ConfigError(
+            f"{key} '{name}' is a '{model_type}' model, which has no causal language-model head "
+            "in transformers (AutoModelForCausalLM); pass a decoder model such as llama, "
+            "granite or mistral"
+        )
     _check_weights(folder, key, name)
 
 

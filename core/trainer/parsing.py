@@ -261,8 +261,13 @@ def _coerce_scalars(cls: type, values: dict[str, Any], origin: str) -> dict[str,
     for name, value in values.items():
         hint = hints.get(name)
         options = [a for a in typing.get_args(hint) if a is not type(None)] or [hint]
-        if value is None or len(options) != 1 or options[0] not in _SCALARS:
+        if len(options) != 1 or options[0] not in _SCALARS:
             continue
+        if value is None:
+            if type(None) in typing.get_args(hint):
+                continue
+            kind = {bool: "true or false", int: "an integer", float: "a number"}[options[0]]
+            raise ConfigError(f"{origin}: {name}: got null, expected {kind}")
         out[name] = _scalar(name, value, options[0], origin)
     return out
 
