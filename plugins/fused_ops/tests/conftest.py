@@ -6,7 +6,8 @@ Triton interpreter (``TRITON_INTERPRET=1``, set here when no GPU is visible; it 
 before triton is imported); with a GPU they run compiled on CUDA tensors, and the CPU cases of
 the Triton implementation are skipped unless ``TRITON_INTERPRET=1`` was set for the run.
 Inputs are drawn on the CPU from fixed seeds and then moved, so both devices see the same
-values.
+values (``randn_like`` of a device tensor, used for some upstream gradients, draws from that
+device's generator instead).
 """
 
 from __future__ import annotations
