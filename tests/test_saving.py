@@ -197,3 +197,20 @@ def test_two_process_run_saves_once_beside_its_checkpoints_and_resumes(base_args
     ]
     final, last = _weights(out), _weights(out / "checkpoint-6")
     assert all((final[k] == last[k]).all() for k in final)
+
+
+def test_a_users_file_where_the_save_writes_one_of_that_name_is_kept(base_args, tmp_path, caplog):
+    import logging
+
+    target = tmp_path / "final"
+    target.mkdir()
+    (target / "README.md").write_text("# my project\n")  # PEFT writes a model card README.md
+    args = {**base_args, "save_model_dir": str(target), "max_steps": 2, "peft_method": "lora"}
+    with caplog.at_level(logging.WARNING, logger="accel"):
+        accel.train(args)
+    assert (target / "README.md").read_text() == "# my project\n"
+    assert "kept your README.md" in caplog.text
+    assert (target / "adapter_model.safetensors").is_file()
+    assert "README.md" not in json.loads((target / MANIFEST).read_text())["files"]
+    accel.train(args)  # saved again: still the user's
+    assert (target / "README.md").read_text() == "# my project\n"

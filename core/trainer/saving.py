@@ -8,7 +8,10 @@ user's own files. So the folder is never replaced as a whole:
    inside the target, ``.accel-staging``, marked as ours by a ``.accel-temporary`` file;
 2. the main process moves the new files in one by one with ``os.replace`` (atomic per file:
    the staging folder is on the same filesystem), giving them the user's umask (safetensors
-   writes weights 0600);
+   writes weights 0600). A file there that the save would overwrite is replaced only if it is
+   the previous model's (see 3.) or is named like a saved model's file (``config.json``,
+   weights, tokenizer files, ...); any other — e.g. the user's ``README.md``, where PEFT writes
+   a model card — is kept, and the model's file of that name is not written (with a warning);
 3. files of the *previous* model that the new save did not rewrite are removed, and nothing
    else: the files listed in ``.accel-model-files.json``, the manifest each save writes; in a
    folder without a manifest, only the weight and adapter files of the Hugging Face save format
@@ -24,6 +27,7 @@ staging folder left by a killed save (only one that carries our marker).
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import shutil
@@ -33,10 +37,20 @@ from typing import Any
 
 from ..errors import ConfigError
 
+logger = logging.getLogger("accel")
+
 STAGING = ".accel-staging"
 MARKER = ".accel-temporary"
 MANIFEST = ".accel-model-files.json"
 _MANIFEST_TMP = MANIFEST + ".accel-tmp"
+# Names a saved model's files have: overwriting one of these in save_model_dir replaces a model
+# file, not a user's (README.md, which PEFT writes as a model card, is not among them).
+_MODEL_FILE = re.compile(
+    r"^(model|pytorch_model|adapter_model)(-\d+-of-\d+)?\.(safetensors|bin)(\.index\.json)?$"
+    r"|^(adapter_config|config|generation_config|tokenizer|tokenizer_config|special_tokens_map"
+    r"|added_tokens|preprocessor_config|processor_config|chat_template|vocab)\.json$"
+    r"|^(tokenizer\.model|vocab\.txt|merges\.txt|chat_template\.jinja|training_args\.bin)$"
+)
 _HF_WEIGHTS = re.compile(
     r"^(model|pytorch_model)(-\d+-of-\d+)?\.(safetensors|bin)$"
     r"|^(model|pytorch_model)\.(safetensors|bin)\.index\.json$"
@@ -89,20 +103,25 @@ def _check_staging(staging: Path) -> None:
         )
 
 
-def install(staging: Path, final: Path) -> None:
+def install(staging: Path, final: Path) -> list[str]:
     """Move the staged model into ``final`` file by file, then drop the previous model's stale
-    files (see the module docstring for which)."""
-    new = sorted(
+    files (see the module docstring for which). Returns the files of the user's that were kept
+    in place of one the save wrote (e.g. their own README.md where PEFT writes a model card)."""
+    staged = sorted(
         p.relative_to(staging).as_posix()
         for p in staging.rglob("*")
         if p.is_file() and p.name != MARKER
     )
     apply_umask(p for p in staging.rglob("*") if p.name != MARKER)
-    previous = read_manifest(final)
+    manifest = read_manifest(final)
+    previous = manifest
     if previous is None:
         previous = [p.name for p in final.iterdir() if p.is_file() and _HF_WEIGHTS.match(p.name)]
-    stale = sorted(set(previous) - set(new))
-    _write_manifest(final, sorted(set(previous) | set(new)))  # a killed save stays cleanable
+    ours = set(previous)
+    kept = [rel for rel in staged if _is_users(final / rel, rel, ours)]
+    new = [rel for rel in staged if rel not in kept]
+    stale = sorted(ours - set(new))
+    _write_manifest(final, sorted(ours | set(new)))  # a killed save stays cleanable
     for rel in new:
         dst = final / rel
         dst.parent.mkdir(parents=True, exist_ok=True)
@@ -114,6 +133,23 @@ def install(staging: Path, final: Path) -> None:
         _remove_empty_parents(path.parent, final)
     _write_manifest(final, new)
     shutil.rmtree(staging)
+    if kept:
+        logger.warning(
+            "kept your %s in %s: the model's own file%s of that name %s not written",
+            ", ".join(kept),
+            final,
+            "s" if len(kept) > 1 else "",
+            "were" if len(kept) > 1 else "was",
+        )
+    return kept
+
+
+def _is_users(dst: Path, rel: str, ours: set[str]) -> bool:
+    """An existing path the save would overwrite that is neither a previous model's file nor
+    named like a file of a saved model (config.json, weights, tokenizer files, ...)."""
+    if not (dst.exists() or dst.is_symlink()) or rel in ours:
+        return False
+    return dst.is_dir() or not _MODEL_FILE.match(dst.name)
 
 
 def remove_orphans(folder: Path) -> None:
