@@ -1,5 +1,7 @@
 """Test-session rules shared by the core's and the plugins' tests.
 
+Without a visible GPU the Triton kernels run under the interpreter: ``TRITON_INTERPRET=1`` is
+set here, before any test module imports triton (it is read when a kernel is defined).
 ``@pytest.mark.requires_cuda`` tests (e.g. the kernel tests' ``"cuda"`` device parameter) run
 where a CUDA device is visible and are skipped elsewhere, so CI needs no GPU.
 """
@@ -7,14 +9,17 @@ where a CUDA device is visible and are skipped elsewhere, so CI needs no GPU.
 from __future__ import annotations
 
 import functools
+import os
 
 import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 @functools.cache
 def _cuda_missing() -> str | None:
-    import torch
-
     return None if torch.cuda.is_available() else "needs a CUDA device"
 
 

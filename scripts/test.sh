@@ -4,7 +4,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/install.sh -r requirements/test.txt
-export TRITON_INTERPRET=1 TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1
+export TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1
 status=0
 .venv/bin/ruff check core cli plugins tests benchmarks scripts || status=$?
 .venv/bin/ruff format --check core cli plugins tests benchmarks scripts || status=$?
