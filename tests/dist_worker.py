@@ -4,7 +4,7 @@ the model really holds after training.
 Usage: ``dist_worker.py ARGS.json OUT_DIR [--force-fsdp]``. Writes ``OUT_DIR/rank{R}.pt``:
 ``params`` (each parameter as a full tensor, gathered from its shards when it is a DTensor),
 ``param_types`` (class name of each parameter as the rank holds it), ``local_numel`` (elements
-the rank stores), ``distributed_type``, ``tokens`` (the trainer's global token counts: all
+of each parameter the rank stores), ``distributed_type``, ``tokens`` (the trainer's global token counts: all
 positions, non-padding positions) and the trainer's ``log_history``.
 
 ``--force-fsdp`` switches accelerate's distributed type from MULTI_CPU to FSDP right after
@@ -48,16 +48,13 @@ def record(trainer: AccelTrainer, out_dir: Path) -> None:
     from torch.distributed.tensor import DTensor
 
     model = trainer.model_wrapped
-    params, types, local = {}, {}, 0
+    params, types, local = {}, {}, {}
     for name, p in model.named_parameters():
         name = name.removeprefix("module.")
         types[name] = type(p).__name__
-        if isinstance(p, DTensor):
-            local += p.to_local().numel()
-            params[name] = p.full_tensor().detach().cpu().clone()
-        else:
-            local += p.numel()
-            params[name] = p.detach().cpu().clone()
+        full = p.full_tensor() if isinstance(p, DTensor) else p
+        local[name] = p.to_local().numel() if isinstance(p, DTensor) else p.numel()
+        params[name] = full.detach().cpu().clone()
     tokens = trainer.global_token_counts()  # a collective: every rank calls it
     rank = int(os.environ.get("RANK", "0"))
     torch.save(

@@ -128,13 +128,15 @@ def check_launch(config: Any) -> None:
 
 
 def distributed_config(config: Any) -> Any:
-    """The DistributedConfig to load the model with, or None."""
+    """The DistributedConfig to load the model with, or None. With fewer shards than
+    processes, the shard groups are replicated (HSDP): transformers' mesh must cover every
+    process."""
     fsdp_size = getattr(config.model, "fsdp_size", None)
     if not fsdp_size:
         return None
     from transformers.distributed import DistributedConfig
 
-    return DistributedConfig(fsdp_size=fsdp_size)
+    return DistributedConfig(fsdp_size=fsdp_size, dp_replicate_size=world_size() // fsdp_size)
 
 
 def check_engaged(trainer: Any, config: Any) -> None:
