@@ -131,8 +131,12 @@ def test_what_a_killed_save_left_is_cleaned_and_nothing_else(base_args, tmp_path
     (staging / MARKER).write_text("")
     (staging / "model.safetensors").write_bytes(b"\0" * 10)  # half-written by the killed save
     (target / (MANIFEST + ".accel-tmp")).write_text('{"files": [')
+    log_tmp = Path(base_args["output_dir"]) / ".training_logs.jsonl.accel-tmp"
+    log_tmp.parent.mkdir(parents=True)
+    log_tmp.write_text('{"step": 1}\n')  # a killed rewrite of the log at resume
     accel.train({**base_args, "save_model_dir": str(target), "max_steps": 2})
     assert not staging.exists() and not (target / (MANIFEST + ".accel-tmp")).exists()
+    assert not log_tmp.exists()
     assert (target / "model.safetensors").stat().st_size > 10
 
     # a folder of that name that accel did not make is the user's: refused before training

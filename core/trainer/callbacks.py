@@ -20,12 +20,15 @@ class JsonlLogCallback(TrainerCallback):
     def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         """On resume, drop the records of steps after the checkpoint (training that was redone)
         and a line cut off by a killed process, so the log follows the resumed run."""
-        if not state.is_world_process_zero or not state.global_step or not self.path.is_file():
+        if not state.is_world_process_zero:
+            return
+        tmp = self.path.with_name(f".{self.path.name}.accel-tmp")
+        tmp.unlink(missing_ok=True)  # left by a process killed while rewriting the log
+        if not state.global_step or not self.path.is_file():
             return
         text = self.path.read_text()
         kept = [line for line in text.splitlines(keepends=True) if _before(line, state.global_step)]
         if "".join(kept) != text:
-            tmp = self.path.with_name(f".{self.path.name}.accel-tmp")
             tmp.write_text("".join(kept))
             os.replace(tmp, self.path)
 
