@@ -86,10 +86,19 @@ def test_missing_files_of_an_unfinished_save_are_named(out, caplog):
     with caplog.at_level(logging.WARNING, logger="accel"):
         assert resolve_resume(None, str(out)) == str(out / "checkpoint-2")
     assert "scheduler.pt" in caplog.text and "RNG state" in caplog.text
-    # a multi-process resume needs every rank's RNG file
-    (out / "checkpoint-2" / "rng_state.pth").rename(out / "checkpoint-2" / "rng_state_0.pth")
-    with pytest.raises(ConfigError, match=r"rng_state_1\.pth"):
-        resolve_resume(str(out / "checkpoint-2"), str(out), world_size=2)
+    # a multi-process save writes one RNG file per rank: rank 1's is missing, then rank 2's
+    ranks = out / "checkpoint-2"
+    for rank in (0, 1, 3):
+        shutil.copy(ranks / "rng_state.pth", ranks / f"rng_state_{rank}.pth")
+    (ranks / "rng_state.pth").unlink()
+    with pytest.raises(ConfigError, match=r"rng_state_2\.pth missing"):
+        resolve_resume(str(ranks), str(out))
+    (ranks / "rng_state_3.pth").unlink()
+    (ranks / "rng_state_1.pth").unlink()
+    with pytest.raises(ConfigError, match=r"rng_state_1\.pth missing"):
+        resolve_resume(str(ranks), str(out))
+    shutil.copy(ranks / "rng_state_0.pth", ranks / "rng_state_1.pth")  # saved by 2 processes
+    assert resolve_resume(str(ranks), str(out)) == str(ranks)
 
 
 def test_no_intact_checkpoint_left_starts_fresh(out, caplog):

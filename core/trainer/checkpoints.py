@@ -78,7 +78,6 @@ def resolve_resume(
     *,
     model_config: Any = None,
     tuning: Any = None,
-    world_size: int = 1,
     warn: bool = True,
 ) -> str | None:
     """``None``/"true": the newest resumable checkpoint in output_dir (if any); "false": none;
@@ -91,14 +90,12 @@ def resolve_resume(
     if text in ("false", "no", "0"):
         return None
     if text in ("", "true", "yes", "1", "none"):
-        return newest_checkpoint(
-            output_dir, model_config=model_config, tuning=tuning, world_size=world_size, warn=warn
-        )
+        return newest_checkpoint(output_dir, model_config=model_config, tuning=tuning, warn=warn)
     path = Path(value)
     if not path.is_dir():
         raise ConfigError(f"resume_from_checkpoint '{value}' is not a checkpoint directory")
     try:
-        check_checkpoint(path, model_config=model_config, tuning=tuning, world_size=world_size)
+        check_checkpoint(path, model_config=model_config, tuning=tuning)
     except CheckpointProblem as problem:
         fix = {
             "damaged": "; name an intact checkpoint, or leave resume_from_checkpoint unset to "
@@ -114,7 +111,6 @@ def newest_checkpoint(
     *,
     model_config: Any = None,
     tuning: Any = None,
-    world_size: int = 1,
     warn: bool = True,
 ) -> str | None:
     """The highest-numbered ``checkpoint-N`` in output_dir that can be resumed from.
@@ -133,7 +129,7 @@ def newest_checkpoint(
     skipped = 0
     for _, path in sorted(found, reverse=True):
         try:
-            check_checkpoint(path, model_config=model_config, tuning=tuning, world_size=world_size)
+            check_checkpoint(path, model_config=model_config, tuning=tuning)
         except CheckpointProblem as problem:
             if problem.kind in ("model_only", "foreign"):
                 raise ConfigError(f"{path}: {problem}") from None
@@ -152,9 +148,7 @@ def newest_checkpoint(
     return None
 
 
-def check_checkpoint(
-    path: Path, *, model_config: Any = None, tuning: Any = None, world_size: int = 1
-) -> None:
+def check_checkpoint(path: Path, *, model_config: Any = None, tuning: Any = None) -> None:
     """Raise :class:`CheckpointProblem` unless ``path`` holds a complete, intact training state
     of this run's model."""
     names = {p.name for p in path.iterdir()}
@@ -202,12 +196,15 @@ def check_checkpoint(
         missing.append("scheduler.pt")
     if not rng:
         missing.append("the RNG state (rng_state.pth)")
-    elif world_size > 1 and "rng_state.pth" not in names:
-        absent = [
-            f"rng_state_{i}.pth" for i in range(world_size) if f"rng_state_{i}.pth" not in names
-        ]
-        if absent and len(absent) < world_size:
-            missing.append(", ".join(absent))
+    elif "rng_state.pth" not in names:
+        # N processes write rng_state_0..N-1.pth (one process: rng_state.pth), each its own,
+        # with no barrier before trainer_state.json: a gap, or rng_state_0.pth alone, is a
+        # process that died before writing its file.
+        ranks = {int(m.group(2)) for m in map(_RNG.match, rng) if m and m.group(2)}
+        absent = [i for i in range(max(ranks) + 1) if i not in ranks] or (
+            [1] if ranks == {0} else []
+        )
+        missing += [f"rng_state_{i}.pth" for i in absent]
     if missing:
         raise CheckpointProblem(
             f"{' and '.join(missing)} missing: the save did not finish", "damaged"

@@ -85,7 +85,6 @@ def run(config: TrainConfig, available: Mapping[str, Any]) -> TrainResult:
         args.output_dir,
         model_config=model_config,
         tuning=config.tuning,
-        world_size=args.world_size,
         warn=args.process_index == 0,
     )
     model = framework.load_model(
