@@ -113,8 +113,7 @@ def install(staging: Path, final: Path) -> list[str]:
         if p.is_file() and p.name != MARKER
     )
     apply_umask(p for p in staging.rglob("*") if p.name != MARKER)
-    manifest = read_manifest(final)
-    previous = manifest
+    previous = read_manifest(final)
     if previous is None:
         previous = [p.name for p in final.iterdir() if p.is_file() and _HF_WEIGHTS.match(p.name)]
     ours = set(previous)
