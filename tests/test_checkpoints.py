@@ -135,6 +135,19 @@ def test_model_only_checkpoint_is_refused(base_args, tmp_path):
     assert "resume_from_checkpoint False" in message
     with pytest.raises(ConfigError, match="save_only_model"):
         accel.train({**args, "resume_from_checkpoint": str(out / "checkpoint-2")})
+    # on the command line: one error line, exit 2
+    config = tmp_path / "run.json"
+    config.write_text(json.dumps(args))
+    cli = subprocess.run(
+        [sys.executable, "-m", "accel.cli", "train", str(config)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    assert cli.returncode == 2 and "Traceback" not in cli.stderr
+    assert cli.stderr.strip().splitlines()[-1].startswith("accel: error: ")
+    assert "save_only_model" in cli.stderr
     # training on from the weights, as the message says, works
     result = accel.train(
         {
