@@ -174,6 +174,11 @@ def test_another_models_checkpoints_are_an_error(base_args, tmp_path):
     # starting fresh on purpose is allowed
     result = accel.train({**args, "resume_from_checkpoint": False})
     assert result.summary["train_steps"] == 2
+    # an adapter trained on another base model: its base's config tells
+    lora = {**args, "peft_method": "lora", "output_dir": str(tmp_path / "lora")}
+    accel.train({**lora, "model_name_or_path": str(other)})
+    with pytest.raises(ConfigError, match="another model's: hidden_size 48"):
+        accel.train(lora)
 
 
 def test_lora_checkpoint_of_another_rank_is_an_error(base_args):
