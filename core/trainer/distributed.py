@@ -208,15 +208,18 @@ def make_engaged_check_callback(trainer: Any) -> Any:
             if kind == DistributedType.FSDP and trainer.accelerator.is_fsdp2:
                 if not any(_is_dtensor(p) for p in wrapped.parameters()):
                     raise ConfigError("FSDP2 was set up but no parameter was sharded (DTensor)")
-            elif kind not in (DistributedType.NO, DistributedType.FSDP) and not getattr(
-                trainer.model, "is_distributed_loading_by_transformers", False
+            elif (
+                kind.value.startswith("MULTI_")
+                and trainer.accelerator.num_processes > 1
+                and not getattr(trainer.model, "is_distributed_loading_by_transformers", False)
             ):
                 from torch.nn.parallel import DistributedDataParallel
 
-                if not isinstance(wrapped, DistributedDataParallel):
+                inner = getattr(wrapped, "_orig_mod", wrapped)  # torch.compile wraps DDP
+                if not isinstance(inner, DistributedDataParallel):
                     raise ConfigError(
                         f"{kind.value} was set up but the model is not wrapped in DDP "
-                        f"({type(wrapped).__name__})"
+                        f"({type(inner).__name__})"
                     )
 
     return EngagedCheck()
