@@ -101,6 +101,7 @@ def test_cli_parse_errors_exit_2_with_one_line(args):
         ({"learning_rate": -1e-3}, "learning_rate is -0.001; it must be >= 0"),
         ({"attn_implementation": "sdpaa"}, "attn_implementation 'sdpaa' .*Did you mean 'sdpa'"),
         ({"output_dir": ""}, "output_dir is empty"),
+        ({"report_to": ["wandbx"]}, "report_to 'wandbx' .*Did you mean 'wandb'"),
         ({"per_device_train_batch_size": 0}, "per_device_train_batch_size is 0; it must be at"),
         ({"gradient_accumulation_steps": 0}, "gradient_accumulation_steps is 0"),
         ({"max_seq_length": 0}, "max_seq_length is 0; it must be at least 1"),

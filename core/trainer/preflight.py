@@ -52,6 +52,7 @@ def check_before_loading(config: TrainConfig) -> None:
     check_required(config)
     check_values(config)
     check_attention(config.model.attn_implementation)
+    check_report_to(config.training.report_to)
     check_output_dir(config.training.output_dir)
     check_data(config)
     from .loading import check_model_source, check_tokenizer_source
@@ -65,12 +66,13 @@ def check_required(config: TrainConfig) -> None:
         raise ConfigError(
             "model_name_or_path is required (or pass --demo for the embedded tiny model)"
         )
-    if not config.data.training_data_path:
+    if not config.data.training_data_path and not config.data.data_config:
         raise ConfigError(
-            "training_data_path is required (or pass --demo for the embedded dataset)"
+            "training_data_path is required, or data_config for several datasets (or pass "
+            "--demo for the embedded dataset)"
         )
     args = config.training
-    if args.eval_strategy != "no" and not config.data.validation_data_path:
+    if args.eval_strategy != "no" and not _has_validation(config):
         raise ConfigError(
             f"eval_strategy is '{args.eval_strategy.value}' but there is no validation data; "
             "set validation_data_path or eval_strategy 'no'"
@@ -109,6 +111,20 @@ def check_attention(name: str | None) -> None:
         )
 
 
+def check_report_to(report_to: Any) -> None:
+    """Logging integrations are looked up when the Trainer is built, after the model loads."""
+    from transformers.integrations.integration_utils import INTEGRATION_TO_CALLBACK
+
+    names = [report_to] if isinstance(report_to, str) else list(report_to or [])
+    known = ["all", "none", *INTEGRATION_TO_CALLBACK]
+    for name in names:
+        if name not in known:
+            raise ConfigError(
+                f"report_to '{name}' is not a logging integration of transformers."
+                f"{did_you_mean(name, known)} Known: {', '.join(known)}."
+            )
+
+
 def check_output_dir(path: str, key: str = "output_dir") -> None:
     """``path`` is a folder, or can be created as one, and can be written."""
     if not str(path).strip():
@@ -126,9 +142,23 @@ def check_output_dir(path: str, key: str = "output_dir") -> None:
         raise ConfigError(f"{key} '{path}' is not writable{where}; pass a folder you can write to")
 
 
+def _has_validation(config: TrainConfig) -> bool:
+    if config.data.validation_data_path:
+        return True
+    if not config.data.data_config:
+        return False
+    from .datamix import read_data_config
+
+    return read_data_config(config.data.data_config).has_validation
+
+
 def check_data(config: TrainConfig) -> None:
     from .data import check_data_file
+    from .datamix import check_data_config
 
-    check_data_file(config.data.training_data_path, "training_data_path", config.data)
+    if config.data.data_config:
+        check_data_config(config)
+    else:
+        check_data_file(config.data.training_data_path, "training_data_path", config.data)
     if config.data.validation_data_path:
         check_data_file(config.data.validation_data_path, "validation_data_path", config.data)
