@@ -42,6 +42,13 @@ class DataArguments:
         default="", metadata={"help": "JSON, JSONL, parquet or arrow file (or a folder of them)."}
     )
     validation_data_path: str | None = field(default=None, metadata={"help": "Same formats."})
+    data_config: str | None = field(
+        default=None,
+        metadata={
+            "help": "YAML data config (fms-hf-tuning layout) listing several datasets with "
+            "sampling weights and per-dataset formatting; instead of training_data_path."
+        },
+    )
     dataset_text_field: str | None = field(
         default=None, metadata={"help": "Column holding the full training text."}
     )

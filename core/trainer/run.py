@@ -73,6 +73,9 @@ def run(config: TrainConfig, available: Mapping[str, Any]) -> TrainResult:
 
     distributed.check_launch(config)
     framework = build_framework(config, available)
+    from .datamix import check_mixer
+
+    check_mixer(config, framework.names)
     _configure_logging(args)
     transformers.set_seed(args.seed)
 
@@ -158,6 +161,7 @@ def run(config: TrainConfig, available: Mapping[str, Any]) -> TrainResult:
         "dataset_tokens_per_s": round(real_tokens / runtime, 1) if runtime > 0 else math.nan,
         "first_loss": losses[0] if losses else None,
         "final_loss": losses[-1] if losses else output.training_loss,
+        **_mix_summary(train_ds, trainer.state.epoch or 0.0),
         "model_saved_to": model_dir or "(not saved: set save_model_dir)",
         "logs": _logs_path(args.output_dir),
     }
@@ -194,12 +198,24 @@ def _configure_logging(args: Any) -> None:
     logger.setLevel(logging.INFO if args.process_index == 0 else logging.WARNING)
 
 
+def _mix_summary(train_ds: Any, epochs: float) -> dict[str, Any]:
+    from .datamix import examples_per_dataset, mix_of
+
+    mix = mix_of(train_ds)
+    return {"examples_per_dataset": examples_per_dataset(mix, epochs)} if mix else {}
+
+
 def _datasets(
     config: TrainConfig, tokenizer: Any, framework: AccelerationFramework
 ) -> tuple[Any, Any]:
     from .data import load_data_file, tokenize_dataset
 
     args = config.training
+    if config.data.data_config:
+        from .datamix import build_from_config
+
+        with args.main_process_first(desc="preparing datasets"):
+            return build_from_config(config, tokenizer, framework)
     with args.main_process_first(desc="preparing datasets"):
         train_raw = load_data_file(config.data.training_data_path)
         train_ds = tokenize_dataset(
