@@ -82,6 +82,9 @@ def run(config: TrainConfig, available: Mapping[str, Any]) -> TrainResult:
     tokenizer = load_tokenizer(config)
     model_config = load_model_config(config.model.model_name_or_path)
     framework.check_model(model_config)
+    from .quantized import check_quantized_base
+
+    check_quantized_base(config, framework.names, model_config)
     check_save_dir(args.save_model_dir)
     resume = resolve_resume(  # checked before the model loads: damaged, model-only, foreign
         args.resume_from_checkpoint,

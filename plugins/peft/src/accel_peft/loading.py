@@ -1,0 +1,155 @@
+"""Loading the frozen 4-bit base: bitsandbytes quantizes while loading, GPTQ checkpoints come
+quantized. Each loader first reads ``config.json`` (cheap), so a model of the wrong kind is an
+error before any weight loads."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from accel import ConfigError
+
+#: bits and group sizes both of gptqmodel's training kernels run (torch on CPU, Triton on CUDA;
+#: the torch kernel alone also runs 3, 5, 6 and 7 bits)
+GPTQ_BITS = (2, 4, 8)
+GPTQ_GROUP_SIZES = (-1, 16, 32, 64, 128, 256, 512, 1024)
+
+
+def quantization_config(name_or_path: str) -> dict[str, Any] | None:
+    """The ``quantization_config`` of a model's config.json (``None``: not quantized)."""
+    from transformers import AutoConfig
+
+    local = Path(name_or_path).expanduser() / "config.json"
+    if local.is_file():
+        data = json.loads(local.read_text()).get("quantization_config")
+    else:
+        data = getattr(AutoConfig.from_pretrained(name_or_path), "quantization_config", None)
+    if data is None:
+        return None
+    return data if isinstance(data, dict) else data.to_dict()
+
+
+def quant_method(name_or_path: str) -> str | None:
+    config = quantization_config(name_or_path)
+    return None if config is None else str(config.get("quant_method", "unknown"))
+
+
+def _device_map() -> dict[str, Any] | str:
+    """This process's device: its CUDA device under a launcher, else the CPU."""
+    import os
+
+    import torch
+
+    if torch.cuda.is_available():
+        return {"": int(os.environ.get("LOCAL_RANK", "0"))}
+    return "cpu"
+
+
+def _no_sharded_loading(model_kwargs: dict[str, Any], what: str) -> dict[str, Any]:
+    kwargs = dict(model_kwargs)
+    if kwargs.pop("distributed_config", None) is not None:
+        raise ConfigError(
+            f"{what}: fsdp_size (transformers' sharded loading) does not load quantized "
+            "weights; train the quantized base without fsdp_size (DDP under torchrun works)"
+        )
+    return kwargs
+
+
+def resolve_dtype(name_or_path: str, dtype: Any) -> Any:
+    """``torch_dtype`` as a torch dtype; ``auto`` is the checkpoint's own (fp32 if none)."""
+    import torch
+
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    from transformers import AutoConfig
+
+    stored = getattr(AutoConfig.from_pretrained(name_or_path), "dtype", None)
+    if isinstance(stored, str):
+        stored = getattr(torch, stored, None)
+    return stored if isinstance(stored, torch.dtype) else torch.float32
+
+
+def load_bnb_4bit(name_or_path: str, model_kwargs: dict[str, Any], quant_type: str) -> Any:
+    """Load ``name_or_path`` with every linear layer but the output layer in bitsandbytes
+    4-bit: double quantization on, compute dtype and storage dtype = ``torch_dtype`` (a single
+    storage dtype lets FSDP shard the packed weights with the rest)."""
+    method = quant_method(name_or_path)
+    if method == "gptq":
+        raise ConfigError(
+            f"model '{name_or_path}' is a GPTQ checkpoint; --bnb_qlora quantizes a "
+            "full-precision model: pass --auto_gptq triton_v2 instead"
+        )
+    if method is not None and method != "bitsandbytes":
+        raise ConfigError(
+            f"model '{name_or_path}' is already quantized (quant_method '{method}'); "
+            "--bnb_qlora needs a full-precision model"
+        )
+    from transformers import AutoModelForCausalLM
+    from transformers import BitsAndBytesConfig as HFBitsAndBytesConfig
+
+    kwargs = _no_sharded_loading(model_kwargs, "--bnb_qlora")
+    dtype = resolve_dtype(name_or_path, kwargs.get("dtype"))
+    kwargs["dtype"] = dtype
+    kwargs["quantization_config"] = HFBitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=quant_type,
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=dtype,
+        bnb_4bit_quant_storage=dtype,
+    )
+    kwargs["device_map"] = _device_map()
+    return AutoModelForCausalLM.from_pretrained(name_or_path, **kwargs)
+
+
+def gptq_backend() -> str:
+    """gptqmodel's backend for this device: Triton on CUDA, its torch kernel on CPU."""
+    import torch
+
+    return "triton" if torch.cuda.is_available() else "torch"
+
+
+def check_gptq_config(name_or_path: str) -> dict[str, Any]:
+    """The checkpoint's GPTQ settings; errors for a model that is not GPTQ or that gptqmodel's
+    training kernels cannot run."""
+    config = quantization_config(name_or_path)
+    method = None if config is None else config.get("quant_method")
+    if method != "gptq":
+        what = "is not quantized" if config is None else f"is quantized with '{method}'"
+        raise ConfigError(
+            f"--auto_gptq needs a GPTQ checkpoint, but model '{name_or_path}' {what} (no "
+            "quantization_config with quant_method 'gptq' in its config.json). Quantize it "
+            "first: accel quantize <model_dir> <output_dir> --bits 4 --group_size 128 "
+            "--calibration <data file>; or train it with --bnb_qlora nf4 instead"
+        )
+    check_bits(config.get("bits"), config.get("group_size"), f"model '{name_or_path}'")
+    return config
+
+
+def check_bits(bits: Any, group_size: Any, where: str) -> None:
+    if bits not in GPTQ_BITS:
+        raise ConfigError(
+            f"{where}: GPTQ bits {bits!r} is not supported by gptqmodel's kernels; use one of "
+            f"{', '.join(map(str, GPTQ_BITS))} (4 is the usual)"
+        )
+    if group_size not in GPTQ_GROUP_SIZES:
+        raise ConfigError(
+            f"{where}: GPTQ group_size {group_size!r} is not supported; use one of "
+            f"{', '.join(map(str, GPTQ_GROUP_SIZES))} (-1 = one group per column; 128 is "
+            "the usual)"
+        )
+
+
+def load_gptq(name_or_path: str, model_kwargs: dict[str, Any]) -> Any:
+    """Load a GPTQ checkpoint through transformers' GPTQ integration (gptqmodel + optimum)
+    with the device's backend."""
+    config = check_gptq_config(name_or_path)
+    from transformers import AutoModelForCausalLM, GPTQConfig
+
+    kwargs = _no_sharded_loading(model_kwargs, "--auto_gptq")
+    kwargs["dtype"] = resolve_dtype(name_or_path, kwargs.get("dtype"))
+    kwargs["quantization_config"] = GPTQConfig(
+        bits=config["bits"], group_size=config["group_size"], backend=gptq_backend()
+    )
+    kwargs["device_map"] = _device_map()
+    return AutoModelForCausalLM.from_pretrained(name_or_path, **kwargs)

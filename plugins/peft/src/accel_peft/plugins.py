@@ -1,0 +1,124 @@
+"""The two plugin classes: config, flags, and the hooks that load the 4-bit base and put the
+LoRA adapters on it. The work is in :mod:`.loading` and :mod:`.adapters` (imported lazily, so
+``accel plugins`` does not import torch)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+from accel import AccelerationPlugin, Flag, hook
+
+from .config import AutoGPTQConfig, BitsAndBytesConfig
+
+if TYPE_CHECKING:
+    from peft import PeftConfig
+    from transformers import PreTrainedModel, TrainingArguments
+
+GPTQ_PATH = "peft.quantization.auto_gptq"
+BNB_PATH = "peft.quantization.bitsandbytes"
+
+
+class _QuantizedLoRAPlugin(AccelerationPlugin):
+    """What both bases share: LoRA only, adapters in the training dtype, no fp32 upcast."""
+
+    #: the flag that activates the plugin (named in errors)
+    flag_name = ""
+    #: the kind fused_ops' ``--fused_lora`` calls this base
+    base_layer = ""
+
+    @hook
+    def augment_model(
+        self,
+        model: PreTrainedModel,
+        train_args: TrainingArguments,
+        peft_config: PeftConfig | None,
+    ) -> tuple[Any, PeftConfig | None]:
+        from .adapters import add_adapters, check_lora
+
+        check_lora(peft_config, f"--{self.flag_name}")
+        if self.leaves_adapters_to_trainer():
+            from .adapters import common_recipe
+
+            return common_recipe(model, train_args), peft_config
+        return add_adapters(model, train_args, peft_config), None
+
+    def leaves_adapters_to_trainer(self) -> bool:
+        return False
+
+
+class BitsAndBytesPlugin(_QuantizedLoRAPlugin):
+    name = "bitsandbytes"
+    config_paths = (BNB_PATH,)
+    config_schema = BitsAndBytesConfig
+    flags = (
+        Flag(
+            "bnb_qlora",
+            BNB_PATH,
+            "QLoRA: 4-bit bitsandbytes base (nf4 or fp4), e.g. nf4; 2nd value: no_peft_model",
+            fields=("quant_type", "no_peft_model"),
+            nargs=(1, 2),
+        ),
+    )
+    conflicts = ("auto_gptq",)
+    required_packages = ("bitsandbytes>=0.45",)
+    flag_name = "bnb_qlora"
+    base_layer = "bitsandbytes"
+
+    @hook
+    def load_model(self, model_name_or_path: str, model_kwargs: dict[str, Any]) -> Any:
+        from .loading import load_bnb_4bit
+
+        return load_bnb_4bit(model_name_or_path, model_kwargs, self.config().quant_type)
+
+    def leaves_adapters_to_trainer(self) -> bool:
+        return self.config().no_peft_model
+
+    @hook
+    def report_lines(self) -> Sequence[str]:
+        cfg = self.config()
+        adapters = (
+            "the trainer (no_peft_model: prepare_model_for_kbit_training, fp32 upcast)"
+            if cfg.no_peft_model
+            else "this plugin, in the training dtype (frozen weights not upcast)"
+        )
+        return [
+            f"base: bitsandbytes 4-bit {cfg.quant_type}, double quantization, "
+            "compute dtype = torch_dtype",
+            f"adapters: {adapters}",
+        ]
+
+
+class AutoGPTQPlugin(_QuantizedLoRAPlugin):
+    name = "auto_gptq"
+    config_paths = (GPTQ_PATH,)
+    config_schema = AutoGPTQConfig
+    flags = (
+        Flag(
+            "auto_gptq",
+            GPTQ_PATH,
+            "GPTQ-LoRA on a GPTQ checkpoint (gptqmodel), e.g. triton_v2; 2nd value: from_quantized",
+            fields=("kernel", "from_quantized"),
+            nargs=(1, 2),
+        ),
+    )
+    conflicts = ("bitsandbytes",)
+    required_packages = ("gptqmodel>=7.6", "optimum>=2.0")
+    flag_name = "auto_gptq"
+    base_layer = "auto_gptq"
+
+    @hook
+    def load_model(self, model_name_or_path: str, model_kwargs: dict[str, Any]) -> Any:
+        from .loading import load_gptq
+
+        return load_gptq(model_name_or_path, model_kwargs)
+
+    @hook
+    def report_lines(self) -> Sequence[str]:
+        from .loading import gptq_backend
+
+        return [
+            f"base: GPTQ checkpoint, gptqmodel backend {gptq_backend()} (kernel "
+            f"{self.config().kernel})",
+            "adapters: this plugin, on every quantized linear for all-linear",
+        ]
