@@ -105,10 +105,16 @@ def check_launch(config: Any) -> None:
             f"(this launch has {world}); run `torchrun --nproc_per_node {max(fsdp_size, 2)} "
             "-m accel.cli train ...`"
         )
+    refuse_load_time_sharding_checkpoints(args, f"fsdp_size {fsdp_size}")
+
+
+def refuse_load_time_sharding_checkpoints(args: Any, what: str) -> None:
+    """Checkpoints of a model sharded at load time (``what``: fsdp_size, expert parallelism)
+    cannot be resumed by transformers: refuse saving them with the optimizer, and resuming."""
     save = str(getattr(args.save_strategy, "value", args.save_strategy))
     if save != "no" and not args.save_only_model:
         raise ConfigError(
-            f"fsdp_size {fsdp_size}: transformers cannot checkpoint the optimizer of a model "
+            f"{what}: transformers cannot checkpoint the optimizer of a model "
             f"sharded at load time, so save_strategy '{save}' would write checkpoints nobody can "
             "resume; set save_strategy 'no' (the final model still goes to save_model_dir) or "
             "save_only_model True"
@@ -120,7 +126,7 @@ def check_launch(config: Any) -> None:
     if not fresh and (not auto or found):
         where = args.resume_from_checkpoint if not auto else f"{found[-1]} (auto-resume)"
         raise ConfigError(
-            f"fsdp_size {fsdp_size}: cannot resume from {where}: transformers does not resume "
+            f"{what}: cannot resume from {where}: transformers does not resume "
             "Trainer checkpoints of a model sharded at load time; set resume_from_checkpoint "
             "False to start fresh, or use accelerate's FSDP (`accelerate launch --config_file "
             "fsdp.yaml`), which resumes from sharded checkpoints"
@@ -150,11 +156,18 @@ def check_engaged(trainer: Any, config: Any) -> None:
     asked = accelerate_fsdp_requested(args)
     if asked:
         if kind != DistributedType.FSDP or not trainer.is_fsdp_enabled:
+            device = accelerator.device.type
+            why = (
+                "accelerate runs FSDP only on GPU-like devices. Run on GPUs, drop the FSDP "
+                "request to train with DDP, or shard at load time with transformers' FSDP2 "
+                "(--fsdp_size N, works on CPU)"
+                if device == "cpu"
+                else "check the accelerate config (distributed_type: FSDP) and that the run was "
+                "started with `accelerate launch --config_file ...`"
+            )
             raise ConfigError(
-                f"FSDP was requested ({asked}) but accelerate set up {kind.value} on "
-                f"{accelerator.device.type}: accelerate runs FSDP only on GPU-like devices. "
-                "Run on GPUs, drop the FSDP request to train with DDP, or shard at load time with "
-                "transformers' FSDP2 (--fsdp_size N, works on CPU)"
+                f"FSDP was requested ({asked}) but accelerate set up {kind.value} on {device}: "
+                + why
             )
         wanted, got = requested_fsdp_version(args), accelerator.state.fsdp_plugin.fsdp_version
         if wanted != got:
