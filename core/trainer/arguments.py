@@ -31,7 +31,8 @@ class ModelArguments:
         default=None,
         metadata={
             "help": "Shard the model at load time over this many processes with transformers' "
-            "own FSDP2 (DistributedConfig(fsdp_size=N)); works on CPU/gloo. Launch with torchrun."
+            "own FSDP2 (DistributedConfig(fsdp_size=N); fewer than the processes: the groups "
+            "replicate, HSDP). Works on CPU/gloo; launch with torchrun; cannot resume."
         },
     )
 
