@@ -135,6 +135,7 @@ class OdmPlugin(AccelerationPlugin):
         self.accelerator: Any = None
         self.output_dir: str | None = None
         self.is_main = True
+        self.history: list[tuple[int, list[float]]] = []  # (step, weights) of every update
 
     # -- hooks ---------------------------------------------------------------------------
 
@@ -279,6 +280,7 @@ class OdmPlugin(AccelerationPlugin):
     def update(self, step: int, rewards: list[float | None], observed: list[float]) -> None:
         assert self.sampler is not None
         estimates = self.sampler.bandit.update(rewards)
+        self.history.append((step, self.sampler.bandit.weights()))
         if self.is_main and self.output_dir:
             line = {
                 "step": step,

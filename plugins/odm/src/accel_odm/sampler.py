@@ -116,15 +116,15 @@ class OdmBatchSampler(Sampler[list[int]]):
 
     def state_dict(self) -> dict[str, Any]:
         return {
-            "sizes": self.sizes,
+            "sizes": list(self.sizes),
             "seed": self.seed,
             "batch_size": self.batch_size,
             "num_replicas": self.num_replicas,
             "sampling_interval": self.sampling_interval,
-            "rng": self.rng.bit_generator.state,
-            "position": self.position,
-            "passes": self.passes,
-            "counts": self.counts,
+            "rng": dict(self.rng.bit_generator.state),
+            "position": list(self.position),
+            "passes": list(self.passes),
+            "counts": list(self.counts),
             "produced": self.produced,
             "arm": self.arm,
             "epoch": self.epoch,

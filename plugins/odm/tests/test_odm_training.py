@@ -1,0 +1,193 @@
+"""odm through the real trainer on a tiny Llama: rewards from the training forward (padded
+and padding-free), validation_loss at eval_steps, odm.jsonl, an exact resume, bad settings."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+from odm_fixtures import odm_args, odm_lines, write_datasets, write_odm_config
+
+import accel
+from accel import ConfigError
+from accel.testing import save_tiny_model
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return save_tiny_model(tmp_path_factory.mktemp("odm-model"))
+
+
+@pytest.fixture(scope="module")
+def paths(tmp_path_factory):
+    return write_datasets(tmp_path_factory.mktemp("odm-data"))
+
+
+def test_per_example_loss_matches_the_model_loss_padded_and_packed(model_dir):
+    """The per-example sums reproduce the model's own loss, per row and per packed segment."""
+    from accel_attention_packing.collator import PaddingFreeCollator
+    from accel_odm.rewards import per_example_loss
+    from transformers import AutoModelForCausalLM, DataCollatorForSeq2Seq
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    rows = [[1, 5, 6, 7, 2], [1, 8, 9, 2], [1, 4, 4, 4, 4, 4, 2]]
+    features = [{"input_ids": r, "labels": [-100, -100, *r[2:]]} for r in rows]
+    from transformers import AutoTokenizer
+
+    padded = DataCollatorForSeq2Seq(AutoTokenizer.from_pretrained(model_dir), padding=True)(
+        features
+    )
+    out = model(**padded)
+    sums, tokens = per_example_loss(out.logits, padded["labels"])
+    assert tokens.tolist() == [3, 2, 5]
+    assert (sums.sum() / tokens.sum()).item() == pytest.approx(out.loss.item(), rel=1e-5)
+    from accel_attention_packing.attention import (
+        VARLEN_ATTENTION_NAME,
+        disable_kv_cache,
+        register_varlen_attention,
+    )
+
+    register_varlen_attention()  # attention within each packed example, as padding_free runs
+    model.set_attn_implementation(VARLEN_ATTENTION_NAME)
+    disable_kv_cache(model)
+    packed = PaddingFreeCollator()(features)
+    out_packed = model(**packed)
+    psums, ptokens = per_example_loss(out_packed.logits, packed["labels"], packed["cu_seq_lens_q"])
+    assert ptokens.tolist() == [3, 2, 5]
+    assert psums.tolist() == pytest.approx(sums.tolist(), rel=1e-4)  # each segment = its row
+
+
+def test_odm_trains_logs_every_update_and_reports_counts(model_dir, paths, tmp_path):
+    cfg = write_odm_config(tmp_path, paths, gamma=0.3, eta=0.5)
+    result = accel.train(odm_args(model_dir, cfg, tmp_path / "out"))
+    lines = odm_lines(tmp_path / "out")
+    assert [line["step"] for line in lines] == [1, 2, 3, 4, 5, 6]  # one line per update
+    assert lines[0]["datasets"] == ["easy", "medium", "hard"]
+    for line in lines:
+        assert min(line["probabilities"]) >= 0.3 / 3 - 1e-12
+        assert sum(line["counts"]) == 4 * line["step"]
+    # rewards are each dataset's own loss: the repeated letter is learnt first
+    easy = [line["rewards"][0] for line in lines if line["rewards"][0] is not None]
+    hard = [line["rewards"][2] for line in lines if line["rewards"][2] is not None]
+    assert easy[-1] < hard[-1]
+    counts = dict(zip(lines[-1]["datasets"], lines[-1]["counts"]))
+    assert result.summary["examples_per_dataset"] == counts
+    plugin = result.framework.get("odm")
+    assert [s for s, _ in plugin.history] == [1, 2, 3, 4, 5, 6]
+    assert "EXP3 reward train_loss" in result.framework.report()
+
+
+def test_odm_with_padding_free_rewards_each_packed_segment(model_dir, paths, tmp_path):
+    cfg = write_odm_config(tmp_path, paths)
+    result = accel.train(
+        odm_args(model_dir, cfg, tmp_path / "out", max_steps=3, padding_free=["huggingface"])
+    )
+    assert result.framework.names == ["odm", "padding_free"]
+    lines = odm_lines(tmp_path / "out")
+    assert len(lines) == 3
+    assert sum(line["observed"][i] for line in lines for i in range(3)) == 12  # 3 steps x 4
+
+
+def test_validation_loss_reward_updates_at_eval_steps(model_dir, paths, tmp_path):
+    cfg = write_odm_config(tmp_path, paths, split=True, reward_type="validation_loss")
+    args = odm_args(
+        model_dir,
+        cfg,
+        tmp_path / "out",
+        max_steps=4,
+        eval_strategy="steps",
+        eval_steps=2,
+        per_device_eval_batch_size=8,
+    )
+    result = accel.train(args)
+    lines = odm_lines(tmp_path / "out")
+    assert [line["step"] for line in lines] == [2, 4]
+    evals = {k: v for h in result.log_history for k, v in h.items() if h.get("step") == 4}
+    assert lines[1]["rewards"] == pytest.approx(
+        [evals["eval_easy_loss"], evals["eval_medium_loss"], evals["eval_hard_loss"]]
+    )
+
+
+def test_interrupted_and_resumed_run_makes_the_same_decisions(model_dir, paths, tmp_path):
+    """Run 8 steps with checkpoints at 4 and 8; drop checkpoint-8 and the model's later
+    progress, resume from checkpoint-4: every update after it is the same."""
+    cfg = write_odm_config(tmp_path, paths, gamma=0.2, eta=1.0, update_interval=2)
+    out = tmp_path / "out"
+    args = odm_args(
+        model_dir,
+        cfg,
+        out,
+        max_steps=8,
+        save_strategy="steps",
+        save_steps=4,
+        lr_scheduler_type="constant",
+        gradient_accumulation_steps=2,
+    )
+    accel.train(args)
+    straight = odm_lines(out)
+    assert [line["step"] for line in straight] == [2, 4, 6, 8]
+    state = json.loads((out / "checkpoint-4" / "odm_state.json").read_text())
+    assert state["sampler"]["step"] == 8  # 4 steps x 2 accumulated batches
+    shutil.rmtree(out / "checkpoint-8")
+    resumed = accel.train(args)
+    again = odm_lines(out)
+    assert [line["step"] for line in again] == [2, 4, 6, 8]
+    assert again[:2] == straight[:2]  # kept from before the interruption
+    for a, b in zip(again[2:], straight[2:]):
+        assert a["counts"] == b["counts"]
+        assert a["weights"] == pytest.approx(b["weights"], rel=1e-6)
+    assert resumed.summary["examples_per_dataset"] == dict(
+        zip(straight[-1]["datasets"], straight[-1]["counts"])
+    )
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        ({"odm": ["entropy"]}, "reward_type 'entropy' is not implemented; supported: train_loss"),
+        ({"dataloader_num_workers": 1}, "set dataloader_num_workers 0"),
+    ],
+)
+def test_bad_odm_settings_are_clear_errors(model_dir, paths, tmp_path, extra, message):
+    cfg = write_odm_config(tmp_path, paths)
+    with pytest.raises(ConfigError, match=message):
+        accel.train(odm_args(model_dir, cfg, tmp_path / "out", max_steps=1, **extra))
+
+
+def test_odm_without_an_odm_data_config_is_an_error(model_dir, paths, tmp_path):
+    args = odm_args(model_dir, paths[0], tmp_path / "out", max_steps=1)
+    args["training_data_path"] = str(args.pop("data_config"))
+    with pytest.raises(ConfigError, match="pass --data_config with dataprocessor.type: odm"):
+        accel.train(args)
+
+
+def test_validation_loss_without_splits_is_an_error(model_dir, paths, tmp_path):
+    cfg = write_odm_config(tmp_path, paths, reward_type="validation_loss")
+    with pytest.raises(ConfigError, match="validation split of every dataset"):
+        accel.train(odm_args(model_dir, cfg, tmp_path / "out", max_steps=1))
+
+
+def test_rewards_are_not_taken_from_eval_or_no_grad_forwards(model_dir):
+    from accel_odm.plugin import OdmPlugin
+
+    from accel import AccelerationFramework
+    from accel.registry import PluginInfo
+    from transformers import AutoModelForCausalLM
+
+    fw = AccelerationFramework(
+        {"plugins": {"training": {"odm": {"odm": {}}}}},
+        available={"odm": PluginInfo("odm", OdmPlugin, "accel-odm", "0.1.0", "")},
+    )
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    fw.apply_patches(model)
+    plugin = fw.get("odm")
+    ids = torch.tensor([[1, 5, 6, 2]])
+    with torch.no_grad():
+        model(input_ids=ids, labels=ids)  # no sampler yet, no grad: nothing recorded
+    model.eval()
+    model(input_ids=ids, labels=ids)
+    assert plugin.sums == []
+    fw.revert_patches()
+    assert "_loss_function" not in vars(model)
