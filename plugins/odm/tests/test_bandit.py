@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 
 import pytest
+
 from accel_odm.bandit import Exp3
 from accel_odm.sampler import OdmBatchSampler
 

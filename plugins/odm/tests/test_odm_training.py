@@ -27,9 +27,10 @@ def paths(tmp_path_factory):
 
 def test_per_example_loss_matches_the_model_loss_padded_and_packed(model_dir):
     """The per-example sums reproduce the model's own loss, per row and per packed segment."""
+    from transformers import AutoModelForCausalLM, DataCollatorForSeq2Seq
+
     from accel_attention_packing.collator import PaddingFreeCollator
     from accel_odm.rewards import per_example_loss
-    from transformers import AutoModelForCausalLM, DataCollatorForSeq2Seq
 
     model = AutoModelForCausalLM.from_pretrained(model_dir)
     rows = [[1, 5, 6, 7, 2], [1, 8, 9, 2], [1, 4, 4, 4, 4, 4, 2]]
@@ -170,11 +171,11 @@ def test_validation_loss_without_splits_is_an_error(model_dir, paths, tmp_path):
 
 
 def test_rewards_are_not_taken_from_eval_or_no_grad_forwards(model_dir):
-    from accel_odm.plugin import OdmPlugin
+    from transformers import AutoModelForCausalLM
 
     from accel import AccelerationFramework
     from accel.registry import PluginInfo
-    from transformers import AutoModelForCausalLM
+    from accel_odm.plugin import OdmPlugin
 
     fw = AccelerationFramework(
         {"plugins": {"training": {"odm": {"odm": {}}}}},
