@@ -19,6 +19,8 @@ COMMANDS = {
     "configs": "list the sample acceleration configs shipped with accel",
     "arguments": "print the command-line flags equivalent to an acceleration config",
     "train": "fine-tune a model (see `accel train --help`); `accel train --demo` runs the demo",
+    "quantize": "quantize a local model to a GPTQ checkpoint (plugin package accel-peft)",
+    "export": "export trained adapters: `accel export merged <adapter_dir> <output_dir>`",
 }
 
 
@@ -74,6 +76,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     arguments.add_argument("config", help="a sample name from `accel configs` or a YAML file path")
     sub.add_parser("train", help=COMMANDS["train"], add_help=False)
+    from .export import add_parser as add_export
+    from .quantize import add_parser as add_quantize
+
+    add_quantize(sub, COMMANDS["quantize"])
+    add_export(sub, COMMANDS["export"])
     return parser
 
 
@@ -109,6 +116,14 @@ def _run(command: str | None, args: object) -> int:
             from .install import run_install
 
             return run_install(args)
+        if command == "quantize":
+            from .quantize import run_quantize
+
+            return run_quantize(args)
+        if command == "export":
+            from .export import run_export
+
+            return run_export(args)
         from .configs import run_arguments, run_configs
 
         return run_configs(args) if command == "configs" else run_arguments(args)

@@ -108,3 +108,27 @@ def common_recipe(model: Any, train_args: Any) -> Any:
         use_gradient_checkpointing=bool(train_args.gradient_checkpointing),
         gradient_checkpointing_kwargs=kwargs,
     )
+
+
+def load_adapters(base_model: Any, adapter_dir: str) -> Any:
+    """Saved LoRA adapters on ``base_model``, in the dtype they were saved in (the training
+    dtype). ``PeftModel.from_pretrained`` alone upcasts bf16/fp16 adapters to fp32, and puts
+    adapters on a GPTQ base in fp16 whatever they trained in; either changes the logits."""
+    from pathlib import Path
+
+    import peft
+    from safetensors.torch import load_file
+
+    model = peft.PeftModel.from_pretrained(base_model, adapter_dir, autocast_adapter_dtype=False)
+    weights = Path(adapter_dir) / "adapter_model.safetensors"
+    if not weights.is_file():
+        return model
+    saved = load_file(str(weights))
+    dtypes = {t.dtype for t in saved.values() if t.is_floating_point()}
+    if len(dtypes) == 1:
+        dtype = dtypes.pop()
+        for name, param in model.named_parameters():
+            if "lora_" in name and param.dtype != dtype:
+                param.data = param.data.to(dtype)
+        peft.set_peft_model_state_dict(model, saved)
+    return model

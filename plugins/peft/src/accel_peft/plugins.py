@@ -46,6 +46,18 @@ class _QuantizedLoRAPlugin(AccelerationPlugin):
     def leaves_adapters_to_trainer(self) -> bool:
         return False
 
+    def base_info(self) -> dict[str, Any]:
+        return {"method": self.base_layer}
+
+    @hook
+    def export(self, model: Any, output_dir: str) -> None:
+        """Record the base's quantization and the training dtype next to the adapters, for
+        ``accel export merged``."""
+        from .export import write_base_info
+
+        dtype = str(getattr(model, "dtype", "")).removeprefix("torch.")
+        write_base_info(output_dir, {**self.base_info(), "torch_dtype": dtype})
+
 
 class BitsAndBytesPlugin(_QuantizedLoRAPlugin):
     name = "bitsandbytes"
@@ -73,6 +85,9 @@ class BitsAndBytesPlugin(_QuantizedLoRAPlugin):
 
     def leaves_adapters_to_trainer(self) -> bool:
         return self.config().no_peft_model
+
+    def base_info(self) -> dict[str, Any]:
+        return {"method": "bitsandbytes", "quant_type": self.config().quant_type}
 
     @hook
     def report_lines(self) -> Sequence[str]:
