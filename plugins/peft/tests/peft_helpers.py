@@ -47,11 +47,7 @@ def batch(vocab: int = 64, seed: int = 0) -> torch.Tensor:
 
 def base_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """Every non-LoRA tensor of the model (packed quantized weights included), copied."""
-    return {
-        k: v.detach().clone()
-        for k, v in model.state_dict().items()
-        if LORA_MARK not in k
-    }
+    return {k: v.detach().clone() for k, v in model.state_dict().items() if LORA_MARK not in k}
 
 
 def lora_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:

@@ -7,14 +7,15 @@ from __future__ import annotations
 import peft
 import pytest
 import torch
-from peft_helpers import base_state, batch, lora_state, prepared_model, train_steps
-
 from accel_peft.adapters import load_adapters
+from peft_helpers import base_state, batch, lora_state, prepared_model, train_steps
 
 
 def _same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
     """Bitwise equality (packed 4-bit codes stored as bf16 include NaN bit patterns)."""
-    return torch.equal(a.contiguous().view(-1).view(torch.uint8), b.contiguous().view(-1).view(torch.uint8))
+    return torch.equal(
+        a.contiguous().view(-1).view(torch.uint8), b.contiguous().view(-1).view(torch.uint8)
+    )
 
 
 def _check_trains_adapters_only(model: torch.nn.Module, dtype: torch.dtype) -> None:
@@ -50,7 +51,6 @@ def _reload_matches(model, tmp_path, load_base) -> None:
 @pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
 def test_qlora_hooks_no_upcast_checkpointing_and_training(assets, tmp_path, quant_type):
     import bitsandbytes as bnb
-
     from accel_peft.loading import load_bnb_4bit
 
     model, args = prepared_model(
@@ -70,7 +70,15 @@ def test_qlora_hooks_no_upcast_checkpointing_and_training(assets, tmp_path, quan
     assert args.gradient_checkpointing_kwargs == {"use_reentrant": False}
     assert base.get_input_embeddings()(batch()).requires_grad  # input grads enabled
     lora_targets = {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if hasattr(m, "lora_A")}
-    assert lora_targets == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+    assert lora_targets == {
+        "q_proj",
+        "k_proj",
+        "v_proj",
+        "o_proj",
+        "gate_proj",
+        "up_proj",
+        "down_proj",
+    }
     _check_trains_adapters_only(model, torch.bfloat16)
     _reload_matches(
         model,
@@ -88,7 +96,9 @@ def test_no_peft_model_is_the_common_recipe(assets):
     from accel.trainer.loading import default_loader
 
     framework = AccelerationFramework.from_sources(flags={"bnb_qlora": ["nf4", "true"]})
-    model = framework.load_model(str(assets / "llama"), default=default_loader, dtype=torch.bfloat16)
+    model = framework.load_model(
+        str(assets / "llama"), default=default_loader, dtype=torch.bfloat16
+    )
     config = peft.LoraConfig(r=4, target_modules="all-linear", task_type="CAUSAL_LM")
     args = TrainingArguments(str(assets / "np-out"), report_to=[])
     same, left = framework.augment_model(model, args, config)

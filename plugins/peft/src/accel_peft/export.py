@@ -77,7 +77,9 @@ def dequantized_base(base: str, info: dict[str, Any], dtype: Any = None) -> Any:
     from .adapters import is_quantized_linear
     from .loading import load_bnb_4bit, load_gptq, quant_method, resolve_dtype
 
-    dtype = dtype or getattr(torch, info.get("torch_dtype", ""), None) or resolve_dtype(base, "auto")
+    dtype = (
+        dtype or getattr(torch, info.get("torch_dtype", ""), None) or resolve_dtype(base, "auto")
+    )
     method = quant_method(base)
     if method == "gptq":
         quantized = load_gptq(base, {"dtype": dtype})
@@ -86,7 +88,9 @@ def dequantized_base(base: str, info: dict[str, Any], dtype: Any = None) -> Any:
     elif method is None:
         return AutoModelForCausalLM.from_pretrained(base, dtype=dtype)
     else:
-        raise ConfigError(f"base model '{base}' is quantized with '{method}', which cannot be merged")
+        raise ConfigError(
+            f"base model '{base}' is quantized with '{method}', which cannot be merged"
+        )
     quantized.train()  # bitsandbytes repacks CPU weights for inference on an eval forward
     config = AutoConfig.from_pretrained(base)
     if hasattr(config, "quantization_config"):
@@ -99,7 +103,10 @@ def dequantized_base(base: str, info: dict[str, Any], dtype: Any = None) -> Any:
             if getattr(module, "bias", None) is not None:
                 state[f"{name}.bias"] = module.bias.detach().to(dtype)
             continue
-        for key, tensor in [*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)]:
+        for key, tensor in [
+            *module.named_parameters(recurse=False),
+            *module.named_buffers(recurse=False),
+        ]:
             full = f"{name}.{key}" if name else key
             state[full] = tensor.detach()
     wanted = plain.state_dict()
