@@ -192,3 +192,11 @@ def test_rewards_are_not_taken_from_eval_or_no_grad_forwards(model_dir):
     assert plugin.sums == []
     fw.revert_patches()
     assert "_loss_function" not in vars(model)
+
+
+def test_fused_linear_loss_is_refused_with_the_way_out(model_dir, paths, tmp_path):
+    """Under fused_ops' fused linear cross-entropy the training forward builds no logits."""
+    cfg = write_odm_config(tmp_path, paths)
+    args = odm_args(model_dir, cfg, tmp_path / "out", max_steps=1, fast_kernels=[True] * 3)
+    with pytest.raises(ConfigError, match="set fast_loss: cross_entropy, or reward_type"):
+        accel.train(args)
