@@ -5,6 +5,9 @@ predicts the label at ``t + 1``; ``-100`` labels take no loss. A padded batch ha
 example per row. A padding-free batch is one packed row whose examples start at
 ``cu_seq_lens`` (the first label of every example is -100, so no prediction crosses two
 examples); the loss of each packed segment is that example's loss.
+
+Cost: one cross-entropy over the logits without autograd, a small fraction of a step (the
+logits already exist); the fp32 upcast is done ``CHUNK`` positions at a time.
 """
 
 from __future__ import annotations
@@ -12,6 +15,8 @@ from __future__ import annotations
 import torch
 
 IGNORE_INDEX = -100
+#: positions whose logits are upcast at once (bounds the extra memory: CHUNK x vocab fp32)
+CHUNK = 1024
 
 
 @torch.no_grad()
@@ -26,12 +31,18 @@ def per_example_loss(
         )
     rows, length = labels.shape
     target = torch.nn.functional.pad(labels, (0, 1), value=IGNORE_INDEX)[:, 1:]
-    token = torch.nn.functional.cross_entropy(
-        logits.float().reshape(-1, logits.shape[-1]),
-        target.reshape(-1).to(logits.device),
-        ignore_index=IGNORE_INDEX,
-        reduction="none",
-    ).view(rows, length)
+    flat = logits.reshape(-1, logits.shape[-1])  # a view of the forward's logits
+    flat_target = target.reshape(-1).to(logits.device)
+    token = torch.zeros(flat_target.numel(), dtype=torch.float32, device=logits.device)
+    for start in range(0, flat_target.numel(), CHUNK):  # fp32 copies of CHUNK rows at most
+        end = start + CHUNK
+        token[start:end] = torch.nn.functional.cross_entropy(
+            flat[start:end].float(),
+            flat_target[start:end],
+            ignore_index=IGNORE_INDEX,
+            reduction="none",
+        )
+    token = token.view(rows, length)
     valid = (target != IGNORE_INDEX).to(token.device)
     if cu_seq_lens is None:
         return (token * valid).sum(dim=1), valid.sum(dim=1)
