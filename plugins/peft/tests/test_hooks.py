@@ -7,8 +7,9 @@ from __future__ import annotations
 import peft
 import pytest
 import torch
-from accel_peft.adapters import load_adapters
 from peft_helpers import base_state, batch, lora_state, prepared_model, train_steps
+
+from accel_peft.adapters import load_adapters
 
 
 def _same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
@@ -51,6 +52,7 @@ def _reload_matches(model, tmp_path, load_base) -> None:
 @pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
 def test_qlora_hooks_no_upcast_checkpointing_and_training(assets, tmp_path, quant_type):
     import bitsandbytes as bnb
+
     from accel_peft.loading import load_bnb_4bit
 
     model, args = prepared_model(

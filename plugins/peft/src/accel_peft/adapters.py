@@ -110,9 +110,9 @@ def common_recipe(model: Any, train_args: Any) -> Any:
     )
 
 
-def load_adapters(base_model: Any, adapter_dir: str) -> Any:
-    """Saved LoRA adapters on ``base_model``, in the dtype they were saved in (the training
-    dtype). ``PeftModel.from_pretrained`` alone upcasts bf16/fp16 adapters to fp32, and puts
+def load_adapters(base_model: Any, adapter_dir: str, dtype: Any = None) -> Any:
+    """Saved LoRA adapters on ``base_model``, in ``dtype`` (default: the dtype they were saved
+    in, the training dtype). ``PeftModel.from_pretrained`` alone upcasts bf16/fp16 adapters to fp32, and puts
     adapters on a GPTQ base in fp16 whatever they trained in; either changes the logits."""
     from pathlib import Path
 
@@ -125,8 +125,9 @@ def load_adapters(base_model: Any, adapter_dir: str) -> Any:
         return model
     saved = load_file(str(weights))
     dtypes = {t.dtype for t in saved.values() if t.is_floating_point()}
-    if len(dtypes) == 1:
+    if dtype is None and len(dtypes) == 1:
         dtype = dtypes.pop()
+    if dtype is not None:
         for name, param in model.named_parameters():
             if "lora_" in name and param.dtype != dtype:
                 param.data = param.data.to(dtype)

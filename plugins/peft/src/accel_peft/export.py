@@ -123,7 +123,8 @@ def merged_model(adapter_dir: str, dtype: Any = None) -> Any:
     from .adapters import load_adapters
 
     base, info = read_adapter(adapter_dir)
-    return load_adapters(dequantized_base(base, info, dtype), adapter_dir).merge_and_unload()
+    model = load_adapters(dequantized_base(base, info, dtype), adapter_dir, dtype)
+    return model.merge_and_unload()
 
 
 def export_merged(adapter_dir: str, output_dir: str, dtype: Any = None) -> Path:
