@@ -201,3 +201,30 @@ def test_static_mix_dataset_matches_the_epoch_definition(tiny_model_dir, files, 
     assert len(text_rows) == 13
     again, _ = build_datasets(cfg, tok, base)
     assert again["input_ids"] == train["input_ids"]
+
+
+def test_cli_prints_one_error_line_and_exits_2(files, tmp_path, capsys):
+    from accel.cli.main import main
+
+    config = two_datasets(files)
+    config["datasets"][1]["sampling"] = -0.5
+    path = write_config(tmp_path / "dc.yaml", config)
+    code = main(
+        [
+            "train",
+            "--model_name_or_path",
+            str(tmp_path),
+            "--data_config",
+            str(path),
+            "--dataset_text_field",
+            "body",
+            "--output_dir",
+            str(tmp_path / "out"),
+        ]
+    )
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2
+    assert err == [
+        f"accel: error: data_config '{path}': dataset 'text': sampling is -0.5; "
+        "weights must be >= 0"
+    ]
