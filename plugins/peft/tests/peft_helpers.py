@@ -85,3 +85,23 @@ def train_steps(model: torch.nn.Module, steps: int = 4, lr: float = 1e-2) -> lis
         optimizer.zero_grad()
         out.append(loss.item())
     return out
+
+
+def train_argv(root: Path, model: Path, *extra: str) -> list[str]:
+    """``accel train`` command-line arguments of a short LoRA run."""
+    return [
+        "train",
+        "--model_name_or_path", str(model),
+        "--training_data_path", str(root / "train.jsonl"),
+        "--data_formatter_template", "### Input: {{input}}\n### Response: {{output}}",
+        "--response_template", "### Response:",
+        "--output_dir", str(root / "out-cli"),
+        "--max_seq_length", "48",
+        "--per_device_train_batch_size", "8",
+        "--max_steps", "2",
+        "--save_strategy", "no",
+        "--disable_tqdm", "True",
+        "--peft_method", "lora",
+        "--target_modules", "all-linear",
+        *extra,
+    ]  # fmt: skip
