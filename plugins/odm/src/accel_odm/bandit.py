@@ -31,6 +31,7 @@ class Exp3:
         if len(start) != num_arms or min(start) < 0 or sum(start) <= 0:
             raise ValueError(f"initial weights must be {num_arms} values >= 0, not all 0")
         self.log_weights = [math.log(w) if w > 0 else -math.inf for w in start]
+        self.version = 0  # changes whenever the weights do (lets samplers cache)
 
     def weights(self) -> list[float]:
         top = max(self.log_weights)
@@ -55,6 +56,7 @@ class Exp3:
             est = r / probs[i]
             self.log_weights[i] += self.eta * est / self.k
             estimates.append(est)
+        self.version += 1
         return estimates
 
     def state_dict(self) -> dict[str, Any]:
@@ -65,3 +67,4 @@ class Exp3:
         if len(saved) != self.k:
             raise ValueError(f"saved bandit has {len(saved)} arms, this run {self.k}")
         self.log_weights = [-math.inf if lw is None else float(lw) for lw in saved]
+        self.version += 1

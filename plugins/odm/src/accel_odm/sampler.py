@@ -19,6 +19,7 @@ already trained, without fetching them), then continues exactly where the saved 
 
 from __future__ import annotations
 
+import bisect
 import math
 from collections import deque
 from collections.abc import Iterator, Sequence
@@ -67,6 +68,7 @@ class OdmBatchSampler(Sampler[list[int]]):
         self.skip = 0
         self.pending: deque[list[int]] = deque()
         self._perms: dict[int, tuple[int, np.ndarray]] = {}
+        self._cumulative: tuple[int, list[float]] | None = None
 
     def __len__(self) -> int:
         return self.steps_per_epoch
@@ -94,8 +96,11 @@ class OdmBatchSampler(Sampler[list[int]]):
     def draw(self) -> tuple[int, int]:
         """``(dataset, row)`` of the next example."""
         if self.produced % self.sampling_interval == 0:
-            probs = np.asarray(self.bandit.probabilities(), dtype=np.float64)
-            self.arm = int(self.rng.choice(len(self.sizes), p=probs / probs.sum()))
+            if self._cumulative is None or self._cumulative[0] != self.bandit.version:
+                cum = np.cumsum(self.bandit.probabilities())
+                self._cumulative = (self.bandit.version, (cum / cum[-1]).tolist())
+            u = self.rng.random()
+            self.arm = min(bisect.bisect_right(self._cumulative[1], u), len(self.sizes) - 1)
         self.produced += 1
         self.counts[self.arm] += 1
         return self.arm, self._row(self.arm)
@@ -153,3 +158,4 @@ class OdmBatchSampler(Sampler[list[int]]):
         self.bandit.load_state_dict(state["bandit"])
         self.pending.clear()
         self._perms.clear()
+        self._cumulative = None
