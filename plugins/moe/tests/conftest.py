@@ -17,3 +17,39 @@ torch.set_num_threads(1)
 @pytest.fixture(autouse=True)
 def _seeded() -> None:
     torch.manual_seed(0)
+
+
+@pytest.fixture(scope="session")
+def moe_run_dir(tmp_path_factory: pytest.TempPathFactory):
+    """A tiny Mixtral (4 experts, top-2) with the demo tokenizer, and 32 cipher examples."""
+    import json
+
+    from moe_models import save_moe_model
+
+    from accel.trainer.demo import make_examples
+
+    root = tmp_path_factory.mktemp("moe-run")
+    save_moe_model(root / "model", "mixtral")
+    rows = make_examples(32, seed=3)
+    (root / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return root
+
+
+@pytest.fixture
+def run_args(moe_run_dir) -> dict:
+    from accel.trainer.demo import RESPONSE_TEMPLATE, TEMPLATE
+
+    return {
+        "model_name_or_path": str(moe_run_dir / "model"),
+        "training_data_path": str(moe_run_dir / "train.jsonl"),
+        "data_formatter_template": TEMPLATE,
+        "response_template": RESPONSE_TEMPLATE,
+        "max_seq_length": 48,
+        "per_device_train_batch_size": 8,
+        "max_steps": 4,
+        "learning_rate": 1e-2,
+        "logging_steps": 1,
+        "save_strategy": "no",
+        "disable_tqdm": True,
+        "seed": 7,
+    }

@@ -1,0 +1,106 @@
+"""``--fast_moe 2`` under torchrun (2 gloo processes, transformers' EP with FSDP 2) against one
+process at the same global batch: same losses and Trainer grad norms, same trained weights
+(gathered from the shards), experts really split, the final model a plain HF checkpoint that
+loads in one process with the single run's logits; checkpoint/resume refused up front."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from dist_helpers import WORKER, failure, records, torchrun, write_args
+from dist_worker import recording_train
+
+PORT = 29821
+
+
+@pytest.fixture(scope="module")
+def ep_runs(moe_run_dir, tmp_path_factory):
+    from moe_models import save_moe_model
+
+    import accel
+    from accel.trainer.demo import RESPONSE_TEMPLATE, TEMPLATE
+    from accel.trainer.trainer import AccelTrainer
+
+    root = tmp_path_factory.mktemp("ep")
+    # Without the router's auxiliary loss: it is computed per process over the process's own
+    # tokens (a nonlinear function of the routing fractions), so a data-parallel run's loss
+    # differs from one process's by up to the aux coefficient (0.001 x ~2) in every engine.
+    save_moe_model(root / "model", "mixtral", output_router_logits=False)
+    base = {
+        "model_name_or_path": str(root / "model"),
+        "training_data_path": str(moe_run_dir / "train.jsonl"),
+        "data_formatter_template": TEMPLATE,
+        "response_template": RESPONSE_TEMPLATE,
+        "max_seq_length": 48,
+        "max_steps": 4,
+        "learning_rate": 1e-2,
+        "logging_steps": 1,
+        "save_strategy": "no",
+        "disable_tqdm": True,
+        "seed": 7,
+    }
+    ep = {**base, "per_device_train_batch_size": 4, "fast_moe": 2}
+    ep["output_dir"], ep["save_model_dir"] = str(root / "ep-out"), str(root / "ep-model")
+    done = torchrun(PORT, str(WORKER), write_args(root / "ep.json", ep), str(root / "ep"))
+    assert done.returncode == 0, failure(done)
+
+    mp = pytest.MonkeyPatch()
+    mp.setattr(AccelTrainer, "train", recording_train(root / "one"))
+    (root / "one").mkdir()
+    try:
+        accel.train(
+            {**base, "per_device_train_batch_size": 8, "fast_moe": True,
+             "output_dir": str(root / "one-out"), "save_model_dir": str(root / "one-model")}
+        )  # fmt: skip
+    finally:
+        mp.undo()
+    return {"root": root, "ranks": records(root / "ep"), "one": records(root / "one", 1)[0],
+            "base": base, "stdout": done.stdout}  # fmt: skip
+
+
+def _history(record, key):
+    return [h[key] for h in record["log_history"] if key in h]
+
+
+def test_ep2_matches_one_process(ep_runs):
+    ranks, one = ep_runs["ranks"], ep_runs["one"]
+    assert "expert parallel over 2 processes" in ep_runs["stdout"]
+    for rank in ranks:
+        # the experts were split: each rank stores half of every expert tensor
+        experts = [n for n in rank["params"] if "experts." in n]
+        assert experts
+        for name in experts:
+            assert rank["local_numel"][name] * 2 == one["params"][name].numel(), name
+        assert _history(rank, "loss") == pytest.approx(_history(one, "loss"), rel=1e-5)
+        assert _history(rank, "grad_norm") == pytest.approx(_history(one, "grad_norm"), rel=1e-4)
+        for name, value in one["params"].items():
+            torch.testing.assert_close(rank["params"][name], value, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_ep2_final_model_is_plain_hf(ep_runs):
+    from transformers import AutoModelForCausalLM
+
+    root: Path = ep_runs["root"]
+    ep_model = AutoModelForCausalLM.from_pretrained(root / "ep-model").eval()
+    one_model = AutoModelForCausalLM.from_pretrained(root / "one-model").eval()
+    ids = torch.randint(4, 60, (2, 11))
+    with torch.no_grad():
+        got, want = ep_model(input_ids=ids).logits, one_model(input_ids=ids).logits
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    assert ep_model.config.num_local_experts == 4  # every expert, not one rank's half
+
+
+def test_ep_checkpoints_refused_before_training(ep_runs, tmp_path):
+    """transformers cannot resume a model sharded at load time: the run stops with one line."""
+    args = {**ep_runs["base"], "per_device_train_batch_size": 4, "fast_moe": 2,
+            "save_strategy": "steps", "save_steps": 2, "output_dir": str(tmp_path / "o")}  # fmt: skip
+    done = torchrun(PORT + 1, "-m", "accel.cli", "train", write_args(tmp_path / "a.json", args))
+    assert done.returncode != 0
+    assert "--fast_moe 2: transformers cannot checkpoint the optimizer" in done.stderr, done.stderr[
+        -3000:
+    ]
+    # each rank exits with status 2 and the one line; the only traceback is torchrun's own
+    assert done.stderr.count("exitcode  : 2") == 2
+    assert "ConfigError" not in done.stderr and "accel_moe" not in done.stderr

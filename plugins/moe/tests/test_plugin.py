@@ -1,0 +1,170 @@
+"""The scattermoe plugin through accel: config and flag, the same training trajectory as
+transformers' eager experts, the refusals before anything loads, LoRA on experts and router
+saved as a vanilla PEFT adapter."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+import torch
+
+import accel
+from accel import ConfigError, UnsupportedModelError
+from accel.registry import discover_plugins
+from accel.trainer.run import build_framework, parse_argv
+
+
+def _world(monkeypatch, size: int) -> None:
+    """A launch of ``size`` processes as the plugin sees it (the trainer's own state stays
+    single-process: these tests build the framework only)."""
+    import accel_moe.parallel
+
+    monkeypatch.setattr(accel_moe.parallel, "world_size", lambda: size)
+
+
+def _settings(argv: list[str]):
+    available = discover_plugins()
+    return build_framework(parse_argv(argv, available), available).get("scattermoe").settings
+
+
+@pytest.mark.parametrize(
+    "value, ep, replicate",
+    [("2", 2, False), ("1", 1, False), ("True", 1, False), ("False", 1, True)],
+)
+def test_fast_moe_flag_meaning(value, ep, replicate, monkeypatch):
+    _world(monkeypatch, 2)
+    settings = _settings(["--model_name_or_path", "m", "--fast_moe", value])
+    assert (settings.ep_size, settings.replicate_experts) == (ep, replicate)
+
+
+def test_fms_acceleration_sample_config_is_accepted(tmp_path, monkeypatch):
+    _world(monkeypatch, 4)
+    path = tmp_path / "moe.yaml"
+    path.write_text("plugins:\n  training:\n    moe:\n      scattermoe:\n        ep_degree: 4\n")
+    settings = _settings(["--model_name_or_path", "m", "--acceleration_config", str(path)])
+    assert settings.ep_size == 4
+
+
+@pytest.mark.parametrize(
+    "world, value, message",
+    [
+        (1, "2", "needs a distributed launch"),
+        (3, "2", "does not divide the number of processes (3)"),
+        (2, "0", "ep_degree must be a positive integer"),
+    ],
+)
+def test_launch_refusals(world, value, message, monkeypatch):
+    _world(monkeypatch, world)
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        _settings(["--model_name_or_path", "m", "--fast_moe", value])
+
+
+def argv(args: dict) -> list[str]:
+    return [word for key, value in args.items() for word in (f"--{key}", str(value))]
+
+
+def _losses(result) -> list[float]:
+    return [h["loss"] for h in result.log_history if "loss" in h]
+
+
+def test_training_trajectory_matches_eager(run_args, tmp_path):
+    """Same steps, same losses and grad norms as the eager experts (fp32)."""
+    eager = accel.train({**run_args, "output_dir": str(tmp_path / "eager")})
+    ours = accel.train({**run_args, "output_dir": str(tmp_path / "moe"), "fast_moe": True})
+    assert ours.framework.names == ["scattermoe"]
+    assert len(_losses(ours)) == 4
+    assert _losses(ours) == pytest.approx(_losses(eager), rel=1e-5)
+    norms = [[h["grad_norm"] for h in r.log_history if "grad_norm" in h] for r in (eager, ours)]
+    assert norms[1] == pytest.approx(norms[0], rel=1e-4)
+    assert _losses(ours)[-1] < _losses(ours)[0]
+
+
+def test_experts_not_divisible_refused_before_loading(run_args, tmp_path, monkeypatch):
+    # 4 experts over an expert-parallel degree of 3
+    with pytest.raises(ConfigError, match="4 experts per layer, which 3 processes"):
+        from transformers import AutoConfig
+
+        from accel_moe.parallel import check_model
+
+        check_model(AutoConfig.from_pretrained(run_args["model_name_or_path"]), 3)
+
+
+def test_architecture_without_experts_interface_is_refused(tmp_path, run_args):
+    from accel.testing import save_tiny_model
+
+    save_tiny_model(tmp_path / "llama")
+    with pytest.raises(UnsupportedModelError, match="scattermoe.*model_type 'llama'"):
+        accel.train(
+            {
+                **run_args,
+                "model_name_or_path": str(tmp_path / "llama"),
+                "output_dir": str(tmp_path / "o"),
+                "fast_moe": True,
+            }
+        )
+
+
+def test_cli_error_is_one_line(run_args, tmp_path):
+    import subprocess
+    import sys
+
+    done = subprocess.run(
+        [sys.executable, "-m", "accel.cli", "train", *argv(run_args),
+         "--output_dir", str(tmp_path), "--fast_moe", "2"],
+        capture_output=True, text=True, timeout=120,
+        env={k: v for k, v in __import__("os").environ.items() if k != "WORLD_SIZE"},
+    )  # fmt: skip
+    assert done.returncode == 2, done.stderr
+    assert "accel: error:" in done.stderr and "needs a distributed launch" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+def test_lora_on_attention_experts_and_router_is_a_vanilla_peft_adapter(run_args, tmp_path):
+    """Trained under ScatterMoE, loaded with plain transformers + PEFT (eager experts): same
+    logits as the trained model."""
+    result = accel.train(
+        {
+            **run_args,
+            "output_dir": str(tmp_path / "out"),
+            "save_model_dir": str(tmp_path / "adapter"),
+            "peft_method": "lora",
+            "lora_dropout": 0.0,
+            "target_modules": ["q_proj", "v_proj"],
+            "plugins": {
+                "training": {"moe": {"scattermoe": {"lora_experts": True, "lora_router": True}}}
+            },
+        }
+    )
+    adapter = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    targets = adapter["target_parameters"]
+    assert any(t.endswith("experts.gate_up_proj") for t in targets)
+    assert any(t.endswith("experts.down_proj") for t in targets)
+    assert any(t.endswith("gate.weight") for t in targets)
+    from safetensors.torch import load_file
+
+    saved = load_file(tmp_path / "adapter" / "adapter_model.safetensors")
+    assert any("experts" in k for k in saved) and any("gate" in k for k in saved)
+    assert _losses(result)[-1] < _losses(result)[0]
+
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(run_args["model_name_or_path"])
+    plain = PeftModel.from_pretrained(base, str(tmp_path / "adapter")).eval()
+    ids = torch.randint(4, 60, (2, 9))
+    from accel_moe.experts import register
+
+    register()
+    base2 = AutoModelForCausalLM.from_pretrained(
+        run_args["model_name_or_path"], experts_implementation="scattermoe"
+    )
+    ours = PeftModel.from_pretrained(base2, str(tmp_path / "adapter")).eval()
+    untuned = AutoModelForCausalLM.from_pretrained(run_args["model_name_or_path"]).eval()
+    with torch.no_grad():
+        want = plain(input_ids=ids).logits
+        got = ours(input_ids=ids).logits
+        before = untuned(input_ids=ids).logits
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert (want - before).abs().max() > 1e-3  # the adapter changed something
