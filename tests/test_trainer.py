@@ -9,7 +9,7 @@ import pytest
 
 import accel
 from accel import ConfigError
-from accel.trainer.parsing import parse_argv
+from accel.trainer.parsing import parse_argv, parse_mapping
 
 
 def test_full_finetune_loss_falls_and_logs_jsonl(base_args):
@@ -166,13 +166,25 @@ def test_yaml_config_file_with_flag_lists(base_args, tmp_path):
         ({"data_formatter_template": "{{question}} {{output}}"}, r"uses \{\{question\}\}"),
         ({"response_template": "### Answer:"}, "response_template '### Answer:' was not found"),
         ({"training_data_path": "/nonexistent/data.jsonl"}, "does not exist"),
-        ({"fast_moe": [2]}, "install moe"),
         ({"eval_strategy": "steps"}, "eval_strategy is 'steps' but there is no validation data"),
     ],
 )
 def test_user_errors(base_args, change, message):
     with pytest.raises(accel.AccelError, match=message):
         accel.train({**base_args, **change})
+
+
+def test_flag_of_a_missing_plugin_names_the_install_command(base_args):
+    """With a plugin left out of the discovered set (as when it is not installed), its flag
+    names the command that installs it."""
+    from accel.registry import CATALOG, discover_plugins
+    from accel.trainer.run import build_framework
+
+    entry = next(e for e in CATALOG if e.flags)
+    available = {k: v for k, v in discover_plugins().items() if k not in entry.plugins}
+    config = parse_mapping({**base_args, entry.flags[0]: [True]}, available)
+    with pytest.raises(accel.AccelError, match=f"python -m accel.cli install {entry.package}"):
+        build_framework(config, available)
 
 
 def test_argv_unknown_flag_suggests(base_args):
