@@ -33,11 +33,17 @@ def force_fsdp_on_cpu() -> None:
     from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
 
     original = AcceleratorState.__init__
+    forced = (DistributedType.MULTI_CPU, DistributedType.FSDP)
 
     def init(self, *args, **kwargs):
         original(self, *args, **kwargs)
-        if self.distributed_type == DistributedType.MULTI_CPU:
-            plugin = kwargs.get("fsdp_plugin") or FullyShardedDataParallelPlugin()
+        # the plugin the Trainer's Accelerator passes (from --fsdp/fsdp_config or, with
+        # accelerate launch, from the config's FSDP_* variables); an AcceleratorState made
+        # earlier without one takes accelerate's plugin from those variables
+        plugin = kwargs.get("fsdp_plugin")
+        if plugin is None and os.environ.get("ACCELERATE_USE_FSDP", "false") == "true":
+            plugin = getattr(self, "fsdp_plugin", None) or FullyShardedDataParallelPlugin()
+        if plugin is not None and self.distributed_type in forced:
             self.distributed_type = DistributedType.FSDP
             self.fsdp_plugin = plugin
 
