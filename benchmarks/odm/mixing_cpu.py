@@ -170,7 +170,7 @@ def run_one(root: Path, variant: str, seed: int, files: dict, tests: dict, args)
         "resume_from_checkpoint": "false",
     }
     if variant.startswith("odm"):
-        train["odm"] = []
+        train["odm"] = ["train_loss"]
     if variant == "odm_validation_loss":
         train.update(
             eval_strategy="steps", eval_steps=args.eval_steps, per_device_eval_batch_size=64

@@ -56,7 +56,7 @@ def odm_args(model_dir: Path, data_config: Path, out: Path, **extra) -> dict:
         "save_strategy": "no",
         "disable_tqdm": True,
         "seed": 1,
-        "odm": [],
+        "odm": ["train_loss"],
         **extra,
     }
 

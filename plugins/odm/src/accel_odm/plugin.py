@@ -120,7 +120,6 @@ class OdmPlugin(AccelerationPlugin):
             PATH,
             "reward_type: train_loss or validation_loss",
             fields=("reward_type",),
-            nargs=(0, 1),
         ),
     )
 
