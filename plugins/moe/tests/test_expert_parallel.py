@@ -101,6 +101,7 @@ def test_ep_checkpoints_refused_before_training(ep_runs, tmp_path):
     assert "--fast_moe 2: transformers cannot checkpoint the optimizer" in done.stderr, done.stderr[
         -3000:
     ]
-    # each rank exits with status 2 and the one line; the only traceback is torchrun's own
-    assert done.stderr.count("exitcode  : 2") == 2
+    # a rank exits with status 2 and the one line (torchrun may stop the other first); the
+    # only traceback is torchrun's own
+    assert "exitcode  : 2" in done.stderr
     assert "ConfigError" not in done.stderr and "accel_moe" not in done.stderr

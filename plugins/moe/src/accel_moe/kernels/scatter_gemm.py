@@ -281,7 +281,8 @@ def triton_grouped_gemm(
     """``y[scatter[r]] = x[gather[r]] @ w_kn[e(r)]`` with ``w_kn`` any ``(E, K, N)`` view."""
     bm, bn, bk = _blocks_for(x)
     k, n = w_kn.shape[1], w_kn.shape[2]
-    make = torch.zeros if scatter is not None else torch.empty
+    covered = scatter is None or routing.rows == out_rows  # every output row gets written
+    make = torch.empty if covered else torch.zeros
     y = make(out_rows, n, device=x.device, dtype=x.dtype)
     block_expert, block_row = routing.blocks(bm)
     if block_expert.numel() == 0 or n == 0:
@@ -443,8 +444,10 @@ class ScatteredLinear(torch.autograd.Function):
         else:
             rows = x.index_select(0, gather) if gather is not None else x
             y = torch_grouped_mm(rows, w_kn, routing).to(x.dtype)
-            if scatter is not None:
-                y = y.new_zeros(out_rows, y.shape[1]).index_copy_(0, scatter, y)
+            if scatter is not None:  # slots of other ranks' experts (never written) stay zero
+                make = torch.empty if routing.rows == out_rows else torch.zeros
+                out = make(out_rows, y.shape[1], dtype=y.dtype, device=y.device)
+                y = out.index_copy_(0, scatter, y)
         ctx.save_for_backward(x, weight)
         ctx.routing, ctx.gather, ctx.scatter = routing, gather, scatter
         ctx.transposed, ctx.impl = transposed, impl
@@ -487,8 +490,9 @@ def _gathered_grad(dxs: torch.Tensor, gather: torch.Tensor | None, x: torch.Tens
     accumulation, as a token's top-k rows meet here)."""
     if gather is None:
         return dxs.to(x.dtype)
-    dx = torch.zeros(x.shape, device=x.device, dtype=torch.float32)
-    dx.index_add_(0, gather, dxs.to(torch.float32))
+    wide = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
+    dx = torch.zeros(x.shape, device=x.device, dtype=wide)
+    dx.index_add_(0, gather, dxs.to(wide))
     return dx.to(x.dtype)
 
 
