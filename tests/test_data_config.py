@@ -177,6 +177,8 @@ def test_two_datasets_train_with_their_own_formatting(base_args, files, tmp_path
     # sizes after split: 32 and 9 -> N = max(32 / .75, 9 / .25) = 43 (rounded up) -> 32 + 11
     counts = result.summary["examples_per_dataset"]
     assert set(counts) == {"cipher", "text"}
+    # 3 steps x 8 = 24 of the 43 examples of an epoch, in the epoch's proportions
+    assert counts == {"cipher": round(32 * 24 / 43), "text": round(11 * 24 / 43)}
     logged = {k for h in result.log_history for k in h}
     assert {"eval_cipher_loss", "eval_text_loss"} <= logged
     assert result.summary["train_steps"] == 3

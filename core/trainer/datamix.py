@@ -461,12 +461,17 @@ def static_mix(
     return order.tolist(), counts
 
 
-def examples_per_dataset(mix: DataMix, epochs: float) -> dict[str, Any]:
-    """For the summary: exact trained counts from an online mixer, else the composition of
-    the static epochs trained (a partial last epoch counted in proportion)."""
+def examples_per_dataset(mix: DataMix, steps: int, per_step: int) -> dict[str, Any]:
+    """For the summary: exact trained counts from an online mixer; for a static mix, the
+    composition of every whole epoch trained plus the last partial epoch in proportion
+    (``per_step``: examples per optimizer step over all processes)."""
     if mix.trained_counts is not None:
         return dict(zip(mix.names, mix.trained_counts()))
-    return {n: int(round(c * epochs)) for n, c in zip(mix.names, mix.per_epoch)}
+    epoch = sum(mix.per_epoch)
+    steps_per_epoch = max(1, math.ceil(epoch / per_step))
+    full, rest = divmod(steps, steps_per_epoch)
+    part = min(rest * per_step, epoch) / epoch
+    return {n: full * c + int(round(c * part)) for n, c in zip(mix.names, mix.per_epoch)}
 
 
 def check_mixer(config: TrainConfig, active: list[str]) -> None:

@@ -164,7 +164,7 @@ def run(config: TrainConfig, available: Mapping[str, Any]) -> TrainResult:
         "dataset_tokens_per_s": round(real_tokens / runtime, 1) if runtime > 0 else math.nan,
         "first_loss": losses[0] if losses else None,
         "final_loss": losses[-1] if losses else output.training_loss,
-        **_mix_summary(train_ds, trainer.state.epoch or 0.0),
+        **_mix_summary(train_ds, trainer),
         "model_saved_to": model_dir or "(not saved: set save_model_dir)",
         "logs": _logs_path(args.output_dir),
     }
@@ -201,11 +201,15 @@ def _configure_logging(args: Any) -> None:
     logger.setLevel(logging.INFO if args.process_index == 0 else logging.WARNING)
 
 
-def _mix_summary(train_ds: Any, epochs: float) -> dict[str, Any]:
+def _mix_summary(train_ds: Any, trainer: Any) -> dict[str, Any]:
     from .datamix import examples_per_dataset, mix_of
 
     mix = mix_of(train_ds)
-    return {"examples_per_dataset": examples_per_dataset(mix, epochs)} if mix else {}
+    if mix is None:
+        return {}
+    a = trainer.args
+    per_step = a.per_device_train_batch_size * a.gradient_accumulation_steps * a.world_size
+    return {"examples_per_dataset": examples_per_dataset(mix, trainer.state.global_step, per_step)}
 
 
 def _datasets(

@@ -182,7 +182,7 @@ class OdmPlugin(AccelerationPlugin):
             )
         if opts.reward_type == "validation_loss":
             missing = [n for n in mix.names if n not in mix.eval_names]
-            if missing or str(train_args.eval_strategy) in ("no", "IntervalStrategy.NO"):
+            if missing or train_args.eval_strategy == "no":
                 raise ConfigError(
                     "reward_type validation_loss needs a validation split of every dataset "
                     f"(split: {{train: 0.9, validation: 0.1}}; missing for "
