@@ -105,3 +105,50 @@ def test_ep_checkpoints_refused_before_training(ep_runs, tmp_path):
     # only traceback is torchrun's own
     assert "exitcode  : 2" in done.stderr
     assert "ConfigError" not in done.stderr and "accel_moe" not in done.stderr
+
+
+def test_ep2_lora_on_attention_with_padding_free_matches_one_process(ep_runs, tmp_path):
+    """Attention LoRA and padding-free batches under EP 2: the same losses and adapter weights
+    as one process, and the saved adapter gives the single run's logits on the plain model."""
+    import accel
+    from accel.trainer.trainer import AccelTrainer
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    lora = {"peft_method": "lora", "lora_dropout": 0.0, "target_modules": ["q_proj", "v_proj"],
+            "padding_free": ["huggingface"], "max_steps": 3}  # fmt: skip
+    ep = {**ep_runs["base"], **lora, "per_device_train_batch_size": 4, "fast_moe": 2,
+          "output_dir": str(tmp_path / "ep-out"), "save_model_dir": str(tmp_path / "ep-adapter")}  # fmt: skip
+    done = torchrun(
+        PORT + 2, str(WORKER), write_args(tmp_path / "ep.json", ep), str(tmp_path / "ep")
+    )
+    assert done.returncode == 0, failure(done)
+    mp = pytest.MonkeyPatch()
+    mp.setattr(AccelTrainer, "train", recording_train(tmp_path / "one"))
+    (tmp_path / "one").mkdir()
+    try:
+        accel.train(
+            {**ep_runs["base"], **lora, "per_device_train_batch_size": 8, "fast_moe": True,
+             "output_dir": str(tmp_path / "one-out"), "save_model_dir": str(tmp_path / "one-adapter")}
+        )  # fmt: skip
+    finally:
+        mp.undo()
+    one = records(tmp_path / "one", 1)[0]
+    for rank in records(tmp_path / "ep"):
+        assert _history(rank, "loss") == pytest.approx(_history(one, "loss"), rel=1e-5)
+        assert _history(rank, "grad_norm") == pytest.approx(_history(one, "grad_norm"), rel=1e-4)
+        trained = [n for n in one["params"] if "lora_" in n]
+        assert trained
+        for name in trained:
+            torch.testing.assert_close(
+                rank["params"][name], one["params"][name], rtol=1e-4, atol=1e-6
+            )
+
+    ids = torch.randint(4, 60, (2, 11))
+    logits = []
+    for adapter in ("ep-adapter", "one-adapter"):
+        base = AutoModelForCausalLM.from_pretrained(ep_runs["base"]["model_name_or_path"])
+        model = PeftModel.from_pretrained(base, str(tmp_path / adapter)).eval()
+        with torch.no_grad():
+            logits.append(model(input_ids=ids).logits)
+    torch.testing.assert_close(logits[0], logits[1], rtol=1e-4, atol=1e-5)
