@@ -110,10 +110,11 @@ def test_ep_checkpoints_refused_before_training(ep_runs, tmp_path):
 def test_ep2_lora_on_attention_with_padding_free_matches_one_process(ep_runs, tmp_path):
     """Attention LoRA and padding-free batches under EP 2: the same losses and adapter weights
     as one process, and the saved adapter gives the single run's logits on the plain model."""
-    import accel
-    from accel.trainer.trainer import AccelTrainer
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
+
+    import accel
+    from accel.trainer.trainer import AccelTrainer
 
     lora = {"peft_method": "lora", "lora_dropout": 0.0, "target_modules": ["q_proj", "v_proj"],
             "padding_free": ["huggingface"], "max_steps": 3}  # fmt: skip
