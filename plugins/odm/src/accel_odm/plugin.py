@@ -128,8 +128,9 @@ class OdmPlugin(AccelerationPlugin):
         self.options: OdmConfig = self.config()
         self.sampler: OdmBatchSampler | None = None
         self.names: list[str] = []
-        self.sums: list[float] = []
-        self.tokens: list[float] = []
+        # per dataset since the last update: [sum of example losses, examples], kept on the
+        # logits' device so a training forward never waits for a copy to the host
+        self.totals: Any = None
         self.eval_losses: dict[str, float] = {}
         self.accelerator: Any = None
         self.output_dir: str | None = None
@@ -189,8 +190,7 @@ class OdmPlugin(AccelerationPlugin):
                     f"{', '.join(missing) or 'none'}) and eval_strategy steps with eval_steps"
                 )
         self.names = list(mix.names)
-        self.sums = [0.0] * len(self.names)
-        self.tokens = [0.0] * len(self.names)
+        self.totals = _zeros(len(self.names))
         bandit = Exp3(len(self.names), opts.gamma, opts.eta, mix.weights)
         self.sampler = OdmBatchSampler(
             mix.sizes,
@@ -221,8 +221,7 @@ class OdmPlugin(AccelerationPlugin):
             "names": self.names,
             "options": {f.name: getattr(self.options, f.name) for f in fields(OdmConfig)},
             "sampler": self.sampler.state_dict(),
-            "sums": self.sums,
-            "tokens": self.tokens,
+            "totals": self.totals.tolist(),
             "eval_losses": self.eval_losses,
         }
         target = Path(checkpoint_dir) / STATE_FILE
@@ -271,10 +270,15 @@ class OdmPlugin(AccelerationPlugin):
                 f"odm: the batch holds {sums.numel()} examples but the loader drew "
                 f"{len(sources)}; another plugin changed the batches"
             )
-        for src, s, t in zip(sources, sums.tolist(), tokens.tolist()):
-            if t > 0:
-                self.sums[src] += s / t  # the example's mean token loss
-                self.tokens[src] += 1  # examples with a loss
+        import torch
+
+        if self.totals.device != sums.device:
+            self.totals = self.totals.to(sums.device)
+        index = torch.tensor(sources, device=sums.device)
+        has = (tokens > 0).double()
+        mean = sums.double() / tokens.double().clamp(min=1)  # each example's mean token loss
+        self.totals[0].index_add_(0, index, mean * has)
+        self.totals[1].index_add_(0, index, has)
 
     def update(self, step: int, rewards: list[float | None], observed: list[float]) -> None:
         assert self.sampler is not None
@@ -299,14 +303,12 @@ class OdmPlugin(AccelerationPlugin):
     def update_from_train(self, step: int) -> None:
         import torch
 
-        totals = torch.tensor(self.sums + self.tokens, dtype=torch.float64)
+        totals = self.totals
         if self.accelerator is not None and self.accelerator.num_processes > 1:
-            totals = self.accelerator.reduce(totals.to(self.accelerator.device), "sum").cpu()
-        k = len(self.names)
-        sums, counts = totals[:k].tolist(), totals[k:].tolist()
+            totals = self.accelerator.reduce(totals.to(self.accelerator.device), "sum")
+        sums, counts = totals.cpu().tolist()
         rewards = [s / c if c > 0 else None for s, c in zip(sums, counts)]
-        self.sums = [0.0] * k
-        self.tokens = [0.0] * k
+        self.totals = torch.zeros_like(self.totals)
         self.update(step, rewards, counts)
 
     def update_from_eval(self, step: int, metrics: dict[str, float]) -> None:
@@ -345,8 +347,7 @@ class OdmPlugin(AccelerationPlugin):
             self.sampler.load_state_dict(state["sampler"], skip=not self.ignore_data_skip)
         except ValueError as err:
             raise ConfigError(f"{found}: {err}") from None
-        self.sums = list(state["sums"])
-        self.tokens = list(state["tokens"])
+        self.totals = _zeros(len(self.names)) + _tensor(state["totals"])
         self.eval_losses = dict(state["eval_losses"])
         if self.is_main and self.output_dir:
             _truncate_log(Path(self.output_dir) / LOG_FILE, step)
@@ -391,3 +392,15 @@ class OdmCallback(TrainerCallback):
         p = self.plugin
         if p.sampler is not None and p.options.reward_type == "validation_loss" and metrics:
             p.update_from_eval(state.global_step, metrics)
+
+
+def _zeros(k: int) -> Any:
+    import torch
+
+    return torch.zeros(2, k, dtype=torch.float64)
+
+
+def _tensor(values: Any) -> Any:
+    import torch
+
+    return torch.tensor(values, dtype=torch.float64)
