@@ -153,3 +153,22 @@ def test_ep2_lora_on_attention_with_padding_free_matches_one_process(ep_runs, tm
         with torch.no_grad():
             logits.append(model(input_ids=ids).logits)
     torch.testing.assert_close(logits[0], logits[1], rtol=1e-4, atol=1e-5)
+
+
+def test_fast_moe_true_with_fsdp_size_shards_experts_like_the_rest(ep_runs, tmp_path):
+    """``--fast_moe True --fsdp_size 2``: ScatterMoE over FSDP2-sharded experts (DTensors, half
+    per process) trains like one process."""
+    args = {**ep_runs["base"], "per_device_train_batch_size": 4, "fast_moe": True,
+            "fsdp_size": 2, "output_dir": str(tmp_path / "o")}  # fmt: skip
+    done = torchrun(
+        PORT + 3, str(WORKER), write_args(tmp_path / "a.json", args), str(tmp_path / "r")
+    )
+    assert done.returncode == 0, failure(done)
+    one = ep_runs["one"]
+    for rank in records(tmp_path / "r"):
+        name = "model.layers.0.mlp.experts.gate_up_proj"
+        assert rank["param_types"][name] == "DTensor"
+        assert rank["local_numel"][name] * 2 == one["params"][name].numel()
+        assert _history(rank, "loss") == pytest.approx(_history(one, "loss"), rel=1e-5)
+        for name, value in one["params"].items():
+            torch.testing.assert_close(rank["params"][name], value, rtol=1e-4, atol=1e-5, msg=name)
