@@ -168,3 +168,46 @@ def test_lora_on_attention_experts_and_router_is_a_vanilla_peft_adapter(run_args
         before = untuned(input_ids=ids).logits
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     assert (want - before).abs().max() > 1e-3  # the adapter changed something
+
+
+def test_distributed_config_for_ep(monkeypatch):
+    """EP 2 over 4 processes: FSDP over all 4 (the engine needs ep | fsdp), or over fsdp_size
+    with the shard groups replicated."""
+    from transformers.distributed import DistributedConfig
+
+    from accel_moe.parallel import distributed_config
+
+    _world(monkeypatch, 4)
+    monkeypatch.setenv("WORLD_SIZE", "4")  # read by DistributedConfig's own checks
+    config = distributed_config(2, False, None)
+    assert (config.ep_size, config.fsdp_size, config.dp_replicate_size) == (2, 4, 1)
+    assert config.ep_implementation == "all_to_all"
+    config = distributed_config(2, False, DistributedConfig(fsdp_size=2, dp_replicate_size=2))
+    assert (config.ep_size, config.fsdp_size, config.dp_replicate_size) == (2, 2, 2)
+    assert distributed_config(1, False, None) is None
+
+
+@pytest.mark.parametrize(
+    "ep, replicate, fsdp, message",
+    [
+        (1, True, 2, "--fast_moe False keeps every expert whole"),
+        (4, False, 2, "must divide fsdp_size (2)"),
+    ],
+)
+def test_distributed_config_refusals(ep, replicate, fsdp, message, monkeypatch):
+    from transformers.distributed import DistributedConfig
+
+    from accel_moe.parallel import distributed_config
+
+    _world(monkeypatch, 4)
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    current = DistributedConfig(fsdp_size=fsdp, dp_replicate_size=4 // fsdp)
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        distributed_config(ep, replicate, current)
+
+
+def test_ep_with_accelerate_fsdp_is_refused(monkeypatch):
+    _world(monkeypatch, 2)
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    with pytest.raises(ConfigError, match="drop the accelerate FSDP config"):
+        _settings(["--model_name_or_path", "m", "--fast_moe", "2"])

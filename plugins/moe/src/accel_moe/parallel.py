@@ -36,6 +36,12 @@ def check_launch(ep_size: int) -> None:
             f"of {ep_size} processes, e.g. `torchrun --nproc_per_node {ep_size} -m accel.cli "
             f"train ... --fast_moe {ep_size}`; use --fast_moe True to train in one process"
         )
+    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() in ("1", "true", "yes"):
+        raise ValueError(
+            f"ep_degree {ep_size}: expert parallelism loads the model with transformers' own "
+            "FSDP2 (sharded at load time); drop the accelerate FSDP config, or use --fast_moe "
+            "True to keep accelerate's FSDP"
+        )
     if world % ep_size:
         raise ValueError(
             f"ep_degree {ep_size} does not divide the number of processes ({world}); choose an "
@@ -99,19 +105,11 @@ def distributed_config(ep_size: int, replicate_experts: bool, current: Any) -> A
 
 def check_sharded(model: Any, ep_size: int) -> None:
     """After loading: the experts really are split (each process holds 1/ep_size of them)."""
-    from transformers.integrations.moe import use_experts_implementation  # noqa: F401
-
     experts = expert_count(model.config)
     for name, module in model.named_modules():
-        if getattr(module, "_is_expert_parallel", None) is None or not hasattr(
-            module, "num_experts"
-        ):
+        if not hasattr(module, "_is_expert_parallel") or not hasattr(module, "num_experts"):
             continue
-        if (
-            not module._is_expert_parallel
-            or experts is None
-            or module.num_experts * ep_size != experts
-        ):
+        if not module._is_expert_parallel or module.num_experts * ep_size != experts:
             raise ConfigError(
                 f"--fast_moe {ep_size}: '{name}' holds {module.num_experts} of {experts} experts "
                 "after loading; expert parallelism did not engage (a plugin that loads the model "
