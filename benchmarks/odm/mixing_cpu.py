@@ -9,7 +9,8 @@ Four synthetic datasets of different difficulty and size (letters of the demo to
 
 Variants, all with the same steps, batch size, learning rate and seed: static ``uniform``
 weights, static ``proportional`` (concatenation, weights = sizes), ``odm_train_loss`` and
-``odm_validation_loss`` (EXP3 with the plugin's defaults, gamma 0.1, eta 0.1; the validation
+``odm_entropy``, ``odm_validation_loss`` (EXP3 with the plugin's defaults, gamma 0.1, eta 0.1;
+the validation
 reward holds out 10% of each dataset and updates at every eval). After training, the loss
 of each dataset is measured on 64 held-out rows per dataset generated with another seed;
 ``overall`` is the mean over the four datasets. Step time is the median interval between
@@ -33,7 +34,7 @@ from pathlib import Path
 
 LETTERS = "abcdefghijklmnop"
 SIZES = {"copy": 600, "cycle": 300, "pairs": 150, "noise": 1200}
-VARIANTS = ("uniform", "proportional", "odm_train_loss", "odm_validation_loss")
+VARIANTS = ("uniform", "proportional", "odm_train_loss", "odm_entropy", "odm_validation_loss")
 
 
 def make_rows(name: str, count: int, seed: int) -> list[dict[str, str]]:
@@ -68,8 +69,8 @@ def data_config(root: Path, variant: str, files: dict[str, Path], seed: int) -> 
 
     kind = "odm" if variant.startswith("odm") else "default"
     processor: dict = {"type": kind, "seed": seed}
-    if variant == "odm_validation_loss":
-        processor["odm"] = {"reward_type": "validation_loss"}
+    if variant.startswith("odm"):
+        processor["odm"] = {"reward_type": variant.removeprefix("odm_")}
     datasets = []
     for name, path in files.items():
         entry: dict = {"name": name, "data_paths": [str(path)]}

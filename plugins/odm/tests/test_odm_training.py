@@ -4,6 +4,7 @@ and padding-free), validation_loss at eval_steps, odm.jsonl, an exact resume, ba
 from __future__ import annotations
 
 import json
+import math
 import shutil
 
 import pytest
@@ -151,7 +152,7 @@ def test_interrupted_and_resumed_run_makes_the_same_decisions(model_dir, paths, 
 @pytest.mark.parametrize(
     "extra, message",
     [
-        ({"odm": ["entropy"]}, "reward_type 'entropy' is not implemented; supported: train_loss"),
+        ({"odm": ["gradnorm"]}, "reward_type 'gradnorm' is not supported .a step's gradient"),
         ({"dataloader_num_workers": 1}, "set dataloader_num_workers 0"),
     ],
 )
@@ -204,3 +205,33 @@ def test_fused_linear_loss_is_refused_with_the_way_out(model_dir, paths, tmp_pat
     args = odm_args(model_dir, cfg, tmp_path / "out", max_steps=1, fast_kernels=[True] * 3)
     with pytest.raises(ConfigError, match="set fast_loss: cross_entropy, or reward_type"):
         accel.train(args)
+
+
+def test_entropy_statistics_match_a_direct_computation(model_dir):
+    from transformers import AutoModelForCausalLM
+
+    from accel_odm.rewards import per_example_sums
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    ids = torch.tensor([[1, 5, 6, 7, 2], [1, 8, 9, 2, 0]])
+    labels = torch.tensor([[-100, 5, 6, 7, 2], [-100, 8, 9, 2, -100]])
+    logits = model(input_ids=ids).logits
+    sums, tokens = per_example_sums(logits, labels, entropy=True)
+    h = torch.distributions.Categorical(logits=logits.float()).entropy()  # (rows, seq)
+    # position t predicts label t + 1: row 0 uses positions 0..3, row 1 positions 0..2
+    assert tokens.tolist() == [4, 3]
+    assert sums[1].tolist() == pytest.approx([h[0, :4].sum().item(), h[1, :3].sum().item()])
+    assert sums[2, 0].item() == pytest.approx((h[0, :4] ** 2).sum().item(), rel=1e-5)
+
+
+@pytest.mark.parametrize("reward", ["entropy", "entropy_varentropy"])
+def test_entropy_rewards_train_and_update(model_dir, paths, tmp_path, reward):
+    cfg = write_odm_config(tmp_path, paths)
+    result = accel.train(odm_args(model_dir, cfg, tmp_path / "out", max_steps=3, odm=[reward]))
+    lines = odm_lines(tmp_path / "out")
+    assert [line["step"] for line in lines] == [1, 2, 3]
+    seen = [r for line in lines for r in line["rewards"] if r is not None]
+    assert seen and all(0 < r < math.log(64) + 1e-6 for r in seen)  # entropies of 64 classes
+    assert result.framework.get("odm").options.reward_type == "entropy" + (
+        "3_varent1" if reward != "entropy" else ""
+    )

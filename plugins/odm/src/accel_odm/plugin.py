@@ -4,12 +4,13 @@ Through the contract's hooks only:
 
 - ``train_dataloader``: the loader whose batch sampler draws each example's dataset from the
   EXP3 bandit (:mod:`.sampler`);
-- ``patch_rules``: with ``reward_type: train_loss``, the model's own ``loss_function`` is
-  wrapped (an ``apply`` rule on that model instance): it computes the loss as before and, from
-  the same logits, each example's loss (per packed segment under padding-free), credited to
-  the dataset the example came from. No second forward; nothing global is patched;
+- ``patch_rules``: the model's own ``loss_function`` is wrapped (an ``apply`` rule on that
+  model instance): it computes the loss as before and, from the same logits, each example's
+  loss or prediction entropy (per packed segment under padding-free), credited to the dataset
+  the example came from (``train_loss``, ``entropy``, ``entropy3_varent1``). No second
+  forward; nothing global is patched;
 - ``callbacks``: a ``TrainerCallback`` that updates the bandit every ``update_interval``
-  steps (train_loss: the rewards summed over all ranks, so every rank holds the same weights)
+  steps (forward rewards: summed over all ranks, so every rank holds the same weights)
   or after each evaluation (validation_loss: ``eval_<dataset>_loss`` of every dataset's
   validation split), writes ``odm.jsonl`` and restores the state on resume;
 - ``on_save``: the sampler and bandit state go into every checkpoint (``odm_state.json``).
@@ -36,17 +37,17 @@ if TYPE_CHECKING:
 PATH = "training.odm.odm"
 STATE_FILE = "odm_state.json"
 LOG_FILE = "odm.jsonl"
-REWARDS = ("train_loss", "validation_loss")
-#: fms-acceleration's other rewards, refused by name
-NOT_IMPLEMENTED = (
-    "entropy",
-    "entropy3_varent1",
-    "entropy_varentropy",
-    "entropy_last_token",
-    "gradnorm",
-    "learnability",
-    "combined",
-)
+#: rewards computed from the training forward's logits (the rest: validation_loss)
+FORWARD_REWARDS = ("train_loss", "entropy", "entropy3_varent1")
+REWARDS = (*FORWARD_REWARDS, "validation_loss")
+ALIASES = {"entropy_varentropy": "entropy3_varent1"}
+#: fms-acceleration's other rewards, refused by name with the reason
+NOT_IMPLEMENTED = {
+    "gradnorm": "a step's gradient norm mixes every dataset of the batch",
+    "entropy_last_token": "not implemented",
+    "learnability": "not implemented (needs a second, templated evaluation)",
+    "combined": "not implemented (needs a second, templated evaluation)",
+}
 
 
 @dataclass
@@ -54,8 +55,10 @@ class OdmConfig:
     reward_type: str = field(
         default="train_loss",
         metadata={
-            "help": "train_loss (each dataset's loss in the training forward) or "
-            "validation_loss (each dataset's loss on its validation split, at eval_steps)"
+            "help": "train_loss (each dataset's loss in the training forward), entropy (the "
+            "mean entropy of its predictions there), entropy3_varent1 ((3 x mean + variance of "
+            "the entropy) / 4), or validation_loss (its loss on its validation split, at "
+            "eval_steps)"
         },
     )
     gamma: float = field(
@@ -63,7 +66,8 @@ class OdmConfig:
     )
     eta: float = field(default=0.1, metadata={"help": "EXP3 step size"})
     update_interval: int = field(
-        default=1, metadata={"help": "update the weights every N optimizer steps (train_loss)"}
+        default=1,
+        metadata={"help": "update the weights every N optimizer steps (all but validation_loss)"},
     )
     sampling_interval: int = field(
         default=1, metadata={"help": "draw a dataset every N examples (they come from it)"}
@@ -71,10 +75,11 @@ class OdmConfig:
 
     def __post_init__(self) -> None:
         self.reward_type = str(self.reward_type).lower()
+        self.reward_type = ALIASES.get(self.reward_type, self.reward_type)
         if self.reward_type in NOT_IMPLEMENTED:
             raise ValueError(
-                f"reward_type '{self.reward_type}' is not implemented; supported: "
-                f"{', '.join(REWARDS)}"
+                f"reward_type '{self.reward_type}' is not supported "
+                f"({NOT_IMPLEMENTED[self.reward_type]}); supported: {', '.join(REWARDS)}"
             )
         if self.reward_type not in REWARDS:
             raise ValueError(f"reward_type '{self.reward_type}' is not one of {', '.join(REWARDS)}")
@@ -200,7 +205,7 @@ class OdmPlugin(AccelerationPlugin):
             rank=train_args.process_index,
             seed=mix.seed,
             sampling_interval=opts.sampling_interval,
-            track=opts.reward_type == "train_loss",
+            track=opts.reward_type in FORWARD_REWARDS,
         )
         self.ignore_data_skip = bool(train_args.ignore_data_skip)
         self.output_dir = train_args.output_dir
@@ -251,12 +256,14 @@ class OdmPlugin(AccelerationPlugin):
         )
 
     def record(self, logits: Any, labels: Any, vocab_size: Any, cu_seq_lens: Any) -> None:
-        """Credit each example's loss of this training forward to its dataset."""
-        from .rewards import per_example_loss
+        """Credit each example's reward (its mean token loss, or entropy statistics) from
+        this training forward to its dataset."""
+        from .rewards import per_example_sums
 
+        kind = self.options.reward_type
         if logits is None or (vocab_size is not None and logits.shape[-1] != vocab_size):
             raise ConfigError(
-                "odm reward_type train_loss reads the logits of the training forward, but "
+                f"odm reward_type {kind} reads the logits of the training forward, but "
                 "they are not built here (the fused linear cross-entropy of fused_ops "
                 "fast_loss); set fast_loss: cross_entropy, or reward_type validation_loss"
             )
@@ -264,10 +271,12 @@ class OdmPlugin(AccelerationPlugin):
             raise RuntimeError("odm: a training forward ran without a batch from the odm loader")
         sources = self.sampler.pending.popleft()  # type: ignore[union-attr]
         packed = cu_seq_lens is not None and labels.shape[0] == 1
-        sums, tokens = per_example_loss(logits, labels, cu_seq_lens if packed else None)
-        if len(sources) != sums.numel():
+        sums, tokens = per_example_sums(
+            logits, labels, cu_seq_lens if packed else None, entropy=kind != "train_loss"
+        )
+        if len(sources) != tokens.numel():
             raise RuntimeError(
-                f"odm: the batch holds {sums.numel()} examples but the loader drew "
+                f"odm: the batch holds {tokens.numel()} examples but the loader drew "
                 f"{len(sources)}; another plugin changed the batches"
             )
         import torch
@@ -276,8 +285,14 @@ class OdmPlugin(AccelerationPlugin):
             self.totals = self.totals.to(sums.device)
         index = torch.tensor(sources, device=sums.device)
         has = (tokens > 0).double()
-        mean = sums.double() / tokens.double().clamp(min=1)  # each example's mean token loss
-        self.totals[0].index_add_(0, index, mean * has)
+        means = sums.double() / tokens.double().clamp(min=1)  # per example, over its tokens
+        if kind == "train_loss":
+            reward = means[0]
+        elif kind == "entropy":
+            reward = means[1]
+        else:  # entropy3_varent1: 3 parts mean entropy, 1 part its variance
+            reward = (3 * means[1] + (means[2] - means[1] ** 2).clamp(min=0)) / 4
+        self.totals[0].index_add_(0, index, reward * has)
         self.totals[1].index_add_(0, index, has)
 
     def update(self, step: int, rewards: list[float | None], observed: list[float]) -> None:
@@ -381,7 +396,7 @@ class OdmCallback(TrainerCallback):
 
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         p = self.plugin
-        if p.sampler is None or p.options.reward_type != "train_loss":
+        if p.sampler is None or p.options.reward_type not in FORWARD_REWARDS:
             return
         if state.global_step % p.options.update_interval == 0:
             p.update_from_train(state.global_step)
