@@ -39,12 +39,40 @@ def test_fast_moe_flag_meaning(value, ep, replicate, monkeypatch):
     assert (settings.ep_size, settings.replicate_experts) == (ep, replicate)
 
 
-def test_fms_acceleration_sample_config_is_accepted(tmp_path, monkeypatch):
+# fms-acceleration's sample configuration for ScatterMoE with padding-free and fused ops,
+# as it ships (comments shortened)
+FMS_SAMPLE = """\
+# FMS Acceleration Plugin Configuration.
+plugins:
+  training:
+    attention:
+      # this controls the confgurations for padding free computation flows
+      padding_free:
+        method: huggingface
+    fused_ops_and_kernels:
+      fast_loss: true
+      fast_rms_layernorm: true
+      fast_rope_embeddings: true
+    moe:
+      # expert-parallel for MoE
+      scattermoe:
+        # The level of expert parallel sharding.
+        # - 1 means no sharding
+        # - if > 1, please ensure that this divides the world_size.
+        ep_degree: {ep}
+"""
+
+
+@pytest.mark.parametrize("ep", [1, 4])
+def test_fms_acceleration_sample_config_is_accepted(ep, tmp_path, monkeypatch):
     _world(monkeypatch, 4)
     path = tmp_path / "moe.yaml"
-    path.write_text("plugins:\n  training:\n    moe:\n      scattermoe:\n        ep_degree: 4\n")
-    settings = _settings(["--model_name_or_path", "m", "--acceleration_config", str(path)])
-    assert settings.ep_size == 4
+    path.write_text(FMS_SAMPLE.format(ep=ep))
+    available = discover_plugins()
+    argv = ["--model_name_or_path", "m", "--acceleration_config", str(path)]
+    framework = build_framework(parse_argv(argv, available), available)
+    assert {"scattermoe", "padding_free", "fused_ops"} <= set(framework.names)
+    assert framework.get("scattermoe").settings.ep_size == ep
 
 
 @pytest.mark.parametrize(
