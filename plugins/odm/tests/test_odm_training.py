@@ -85,11 +85,11 @@ def test_odm_trains_logs_every_update_and_reports_counts(model_dir, paths, tmp_p
     assert "EXP3 reward train_loss" in result.framework.report()
 
 
-def test_odm_with_padding_free_rewards_each_packed_segment(model_dir, paths, tmp_path):
+def test_odm_with_padding_free_and_lora_rewards_each_packed_segment(model_dir, paths, tmp_path):
+    """Under LoRA the wrapped loss is the base model's; under padding-free one row is packed."""
     cfg = write_odm_config(tmp_path, paths)
-    result = accel.train(
-        odm_args(model_dir, cfg, tmp_path / "out", max_steps=3, padding_free=["huggingface"])
-    )
+    args = odm_args(model_dir, cfg, tmp_path / "out", max_steps=3, padding_free=["huggingface"])
+    result = accel.train({**args, "peft_method": "lora", "r": 4, "lora_alpha": 8})
     assert result.framework.names == ["odm", "padding_free"]
     lines = odm_lines(tmp_path / "out")
     assert len(lines) == 3
