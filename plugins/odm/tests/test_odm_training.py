@@ -65,7 +65,13 @@ def test_per_example_loss_matches_the_model_loss_padded_and_packed(model_dir, mo
     assert psums.tolist() == pytest.approx(sums.tolist(), rel=1e-4)  # each segment = its row
 
 
-def test_odm_trains_logs_every_update_and_reports_counts(model_dir, paths, tmp_path):
+def test_odm_trains_logs_every_update_and_reports_counts(model_dir, paths, tmp_path, monkeypatch):
+    from accel_odm import rewards
+
+    def second_pass(*args, **kwargs):
+        raise AssertionError("train_loss with the default loss takes one cross-entropy")
+
+    monkeypatch.setattr(rewards, "per_example_sums", second_pass)
     cfg = write_odm_config(tmp_path, paths, gamma=0.3, eta=0.5)
     result = accel.train(odm_args(model_dir, cfg, tmp_path / "out"))
     lines = odm_lines(tmp_path / "out")
@@ -235,3 +241,27 @@ def test_entropy_rewards_train_and_update(model_dir, paths, tmp_path, reward):
     assert result.framework.get("odm").options.reward_type == "entropy" + (
         "3_varent1" if reward != "entropy" else ""
     )
+
+
+def test_one_pass_loss_is_the_models_loss_and_gives_the_same_rewards(model_dir):
+    """With transformers' default loss, loss and per-example sums come from one cross-entropy:
+    the loss (and its gradient) equals ForCausalLMLoss, the sums equal the separate pass."""
+    from transformers import AutoModelForCausalLM
+    from transformers.loss.loss_utils import ForCausalLMLoss
+
+    from accel_odm.rewards import causal_lm_loss_and_sums, per_example_sums
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    ids = torch.tensor([[1, 5, 6, 7, 2], [1, 8, 9, 2, 0]])
+    labels = torch.tensor([[-100, 5, 6, 7, 2], [-100, 8, 9, 2, -100]])
+    for items in (None, torch.tensor(11)):
+        logits = model(input_ids=ids).logits
+        expected = ForCausalLMLoss(logits, labels, 64, num_items_in_batch=items)
+        (g_expected,) = torch.autograd.grad(expected, logits, retain_graph=True)
+        loss, sums, tokens = causal_lm_loss_and_sums(logits, labels, items)
+        (g_loss,) = torch.autograd.grad(loss, logits)
+        assert loss.item() == pytest.approx(expected.item(), rel=1e-6)
+        assert torch.allclose(g_loss, g_expected, atol=1e-8)
+        separate, separate_tokens = per_example_sums(logits.detach(), labels)
+        assert sums[0].tolist() == pytest.approx(separate[0].tolist(), rel=1e-6)
+        assert tokens.tolist() == separate_tokens.tolist() == [4, 3]

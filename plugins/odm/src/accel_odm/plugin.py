@@ -141,6 +141,7 @@ class OdmPlugin(AccelerationPlugin):
         self.output_dir: str | None = None
         self.is_main = True
         self.history: list[tuple[int, list[float]]] = []  # (step, weights) of every update
+        self._log: Any = None  # odm.jsonl, open in append mode while training
 
     # -- hooks ---------------------------------------------------------------------------
 
@@ -151,14 +152,28 @@ class OdmPlugin(AccelerationPlugin):
         base = model.get_base_model() if hasattr(model, "get_base_model") else model
 
         def install(module: Any) -> Any:
+            from transformers.loss.loss_utils import ForCausalLMLoss
+
             inner = module.loss_function
+            default = inner is ForCausalLMLoss
 
             def loss_function(
                 logits: Any = None, labels: Any = None, vocab_size: Any = None, **kwargs: Any
             ) -> Any:
+                if not self._records(module, labels):
+                    return inner(logits=logits, labels=labels, vocab_size=vocab_size, **kwargs)
+                cu = kwargs.get("cu_seq_lens_q")
+                if default and self._one_pass(logits, vocab_size, kwargs):
+                    from .rewards import causal_lm_loss_and_sums
+
+                    packed = cu is not None and labels.shape[0] == 1
+                    loss, sums, tokens = causal_lm_loss_and_sums(
+                        logits, labels, kwargs.get("num_items_in_batch"), cu if packed else None
+                    )
+                    self.credit(sums, tokens)
+                    return loss
                 loss = inner(logits=logits, labels=labels, vocab_size=vocab_size, **kwargs)
-                if self._records(module, labels):
-                    self.record(logits, labels, vocab_size, kwargs.get("cu_seq_lens_q"))
+                self.record(logits, labels, vocab_size, cu)
                 return loss
 
             return set_attribute(module, "_loss_function", loss_function)
@@ -267,13 +282,29 @@ class OdmPlugin(AccelerationPlugin):
                 "they are not built here (the fused linear cross-entropy of fused_ops "
                 "fast_loss); set fast_loss: cross_entropy, or reward_type validation_loss"
             )
-        if not self.sampler.pending:  # type: ignore[union-attr]
-            raise RuntimeError("odm: a training forward ran without a batch from the odm loader")
-        sources = self.sampler.pending.popleft()  # type: ignore[union-attr]
         packed = cu_seq_lens is not None and labels.shape[0] == 1
         sums, tokens = per_example_sums(
             logits, labels, cu_seq_lens if packed else None, entropy=kind != "train_loss"
         )
+        self.credit(sums, tokens)
+
+    def _one_pass(self, logits: Any, vocab_size: Any, kwargs: dict[str, Any]) -> bool:
+        """The loss and the train_loss reward can come from one cross-entropy: transformers'
+        default causal-LM loss with real logits and no custom label handling."""
+        return (
+            self.options.reward_type == "train_loss"
+            and logits is not None
+            and logits.shape[-1] == vocab_size
+            and kwargs.get("shift_labels") is None
+            and kwargs.get("ignore_index", -100) == -100
+        )
+
+    def credit(self, sums: Any, tokens: Any) -> None:
+        """Add each example's reward to its dataset's totals (on the logits' device)."""
+        kind = self.options.reward_type
+        if not self.sampler.pending:  # type: ignore[union-attr]
+            raise RuntimeError("odm: a training forward ran without a batch from the odm loader")
+        sources = self.sampler.pending.popleft()  # type: ignore[union-attr]
         if len(sources) != tokens.numel():
             raise RuntimeError(
                 f"odm: the batch holds {tokens.numel()} examples but the loader drew "
@@ -297,23 +328,34 @@ class OdmPlugin(AccelerationPlugin):
 
     def update(self, step: int, rewards: list[float | None], observed: list[float]) -> None:
         assert self.sampler is not None
-        estimates = self.sampler.bandit.update(rewards)
-        self.history.append((step, self.sampler.bandit.weights()))
+        bandit = self.sampler.bandit
+        estimates = bandit.update(rewards)
+        weights = bandit.weights()
+        self.history.append((step, weights))
         if self.is_main and self.output_dir:
             line = {
                 "step": step,
                 "datasets": self.names,
-                "weights": self.sampler.bandit.weights(),
-                "probabilities": self.sampler.bandit.probabilities(),
+                "weights": weights,
+                "probabilities": [
+                    (1 - bandit.gamma) * w + bandit.gamma / bandit.k for w in weights
+                ],
                 "rewards": rewards,
                 "estimates": estimates,
                 "observed": observed,
                 "counts": list(self.sampler.counts),
             }
-            path = Path(self.output_dir) / LOG_FILE
-            path.parent.mkdir(parents=True, exist_ok=True)
-            with path.open("a") as fh:
-                fh.write(json.dumps(line) + "\n")
+            if self._log is None:
+                path = Path(self.output_dir) / LOG_FILE
+                path.parent.mkdir(parents=True, exist_ok=True)
+                self._log = path.open("a")
+            self._log.write(json.dumps(line) + "\n")
+            self._log.flush()
+
+    def close_log(self) -> None:
+        if self._log is not None:
+            self._log.close()
+            self._log = None
 
     def update_from_train(self, step: int) -> None:
         import torch
@@ -365,6 +407,7 @@ class OdmPlugin(AccelerationPlugin):
         self.totals = _zeros(len(self.names)) + _tensor(state["totals"])
         self.eval_losses = dict(state["eval_losses"])
         if self.is_main and self.output_dir:
+            self.close_log()
             _truncate_log(Path(self.output_dir) / LOG_FILE, step)
 
 
@@ -393,6 +436,9 @@ class OdmCallback(TrainerCallback):
     def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         if state.global_step > 0 and self.plugin.sampler is not None:
             self.plugin.restore(args, state.global_step)
+
+    def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self.plugin.close_log()
 
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         p = self.plugin

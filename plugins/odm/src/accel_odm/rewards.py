@@ -8,8 +8,11 @@ examples); the loss of each packed segment is that example's loss. The entropy r
 use the same pass: the Shannon entropy of the predicted distribution at each labelled
 position.
 
-Cost: one cross-entropy over the logits without autograd, a small fraction of a step (the
-logits already exist); the fp32 upcast is done ``CHUNK`` positions at a time.
+Cost: with the model's default loss (transformers' ``ForCausalLMLoss``) and the train_loss
+reward, :func:`causal_lm_loss_and_sums` computes the loss and the per-example sums from one
+cross-entropy, so the reward costs a few reductions. Otherwise (another loss function, the
+entropy rewards) one more pass over the logits without autograd, the fp32 upcast ``CHUNK``
+positions at a time.
 """
 
 from __future__ import annotations
@@ -53,27 +56,73 @@ def per_example_sums(
     per_token = torch.zeros(3 if entropy else 1, n, dtype=torch.float32, device=logits.device)
     for start in range(0, n, CHUNK):  # fp32 copies of CHUNK rows at most
         end = start + CHUNK
-        logp = torch.log_softmax(flat[start:end].float(), dim=-1)
-        tgt = flat_target[start:end]
+        chunk, tgt = flat[start:end].float(), flat_target[start:end]
+        if not entropy:  # the fused kernel is the cheapest way to the loss alone
+            per_token[0, start:end] = torch.nn.functional.cross_entropy(
+                chunk, tgt, ignore_index=IGNORE_INDEX, reduction="none"
+            )
+            continue
+        logp = torch.log_softmax(chunk, dim=-1)
         per_token[0, start:end] = -logp.gather(1, tgt.clamp(min=0)[:, None])[:, 0]
-        if entropy:
-            h = -(logp.exp() * logp).sum(dim=-1)
-            per_token[1, start:end] = h
-            per_token[2, start:end] = h * h
+        h = -(logp.exp() * logp).sum(dim=-1)
+        per_token[1, start:end] = h
+        per_token[2, start:end] = h * h
+    return _per_example(per_token, flat_target, rows, length, cu_seq_lens)
+
+
+def _per_example(
+    per_token: torch.Tensor,
+    flat_target: torch.Tensor,
+    rows: int,
+    length: int,
+    cu_seq_lens: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sum ``per_token`` (C, rows * length) over the labelled positions of each example."""
+    device = per_token.device
     valid = (flat_target != IGNORE_INDEX).float()
     per_token = per_token * valid
     if cu_seq_lens is None:
-        example = torch.arange(rows, device=logits.device).repeat_interleave(length)
+        example = torch.arange(rows, device=device).repeat_interleave(length)
         count = rows
     else:
         if rows != 1:
             raise ValueError(f"a packed batch has one row, got {rows}")
-        bounds = cu_seq_lens.to(logits.device).long()
+        bounds = cu_seq_lens.to(device).long()
         # the prediction at t is of token t + 1: it belongs to the example holding t + 1
-        where = torch.arange(1, length + 1, device=logits.device).clamp(max=length - 1)
+        where = torch.arange(1, length + 1, device=device).clamp(max=length - 1)
         example = torch.searchsorted(bounds[1:], where, right=True)
         count = bounds.numel() - 1
-    sums = torch.zeros(per_token.shape[0], count, device=logits.device)
+    sums = torch.zeros(per_token.shape[0], count, device=device)
     sums.index_add_(1, example, per_token)
-    tokens = torch.zeros(count, device=logits.device).index_add_(0, example, valid)
+    tokens = torch.zeros(count, device=device).index_add_(0, example, valid)
     return sums, tokens
+
+
+def causal_lm_loss_and_sums(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    num_items_in_batch: torch.Tensor | int | None = None,
+    cu_seq_lens: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """transformers' causal-LM loss (``ForCausalLMLoss``: shifted labels, -100 ignored, the
+    sum over ``num_items_in_batch`` when given, else the mean) and, from the same token
+    losses, ``(sums, tokens)`` per example as :func:`per_example_sums` returns them: one
+    cross-entropy for both."""
+    rows, length = labels.shape
+    target = torch.nn.functional.pad(labels, (0, 1), value=IGNORE_INDEX)[:, 1:]
+    flat_target = target.reshape(-1).to(logits.device)
+    token = torch.nn.functional.cross_entropy(
+        logits.float().reshape(-1, logits.shape[-1]),
+        flat_target,
+        ignore_index=IGNORE_INDEX,
+        reduction="none",
+    )
+    if num_items_in_batch is not None:
+        if torch.is_tensor(num_items_in_batch):
+            num_items_in_batch = num_items_in_batch.to(token.device)
+        loss = token.sum() / num_items_in_batch
+    else:
+        loss = token.sum() / (flat_target != IGNORE_INDEX).sum()
+    with torch.no_grad():
+        sums, tokens = _per_example(token.detach()[None], flat_target, rows, length, cu_seq_lens)
+    return loss, sums, tokens
