@@ -4,8 +4,9 @@ A Llama of hidden 256, 4 layers, vocabulary 8192 (8.9M parameters), three pretok
 datasets of random ids (lengths 64-256), batches of 8: the same run with static uniform mixing
 and with odm (train_loss, entropy). Reported: CPU time of this thread per step in
 ``training_step`` (forward + backward; it contains the reward, computed inside the model's
-loss) and in odm's own code (reward, EXP3 update + ``odm.jsonl`` line, draws), as in
-``mixing_cpu.py``; CPU time, because the machine is shared.
+loss) and in odm's own code, as in ``mixing_cpu.py``: the reward (train_loss: the
+per-example sums from the loss's own token losses; entropy: a second pass over the logits),
+the EXP3 update + ``odm.jsonl`` line, the draws. CPU time, because the machine is shared.
 
     python benchmarks/odm/overhead_cpu.py --steps 30
 """
@@ -123,12 +124,12 @@ def main() -> None:
         "- CPU time of this thread per step (ms); `training_step` holds the forward, the "
         "backward and the reward (computed inside the model's loss)",
         "",
-        "| variant | training_step | reward from the logits | EXP3 update + log | draws | "
+        "| variant | training_step | reward | EXP3 update + log | draws | "
         "odm share of training_step |",
         "|---|---:|---:|---:|---:|---:|",
     ]
     for variant, t in results.items():
-        parts = [t.get(k, 0.0) for k in ("record", "update", "draw")]
+        parts = [mixing_cpu.reward_time(t), t.get("update", 0.0), t.get("draw", 0.0)]
         lines.append(
             f"| {variant} | {t['training_step'] * 1e3:.1f} | "
             + " | ".join(f"{x * 1e3:.2f}" for x in parts)

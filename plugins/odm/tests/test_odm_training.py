@@ -254,14 +254,16 @@ def test_one_pass_loss_is_the_models_loss_and_gives_the_same_rewards(model_dir):
     model = AutoModelForCausalLM.from_pretrained(model_dir)
     ids = torch.tensor([[1, 5, 6, 7, 2], [1, 8, 9, 2, 0]])
     labels = torch.tensor([[-100, 5, 6, 7, 2], [-100, 8, 9, 2, -100]])
-    for items in (None, torch.tensor(11)):
+    for items, entropy in ((None, False), (torch.tensor(11), False), (torch.tensor(11), True)):
         logits = model(input_ids=ids).logits
         expected = ForCausalLMLoss(logits, labels, 64, num_items_in_batch=items)
         (g_expected,) = torch.autograd.grad(expected, logits, retain_graph=True)
-        loss, sums, tokens = causal_lm_loss_and_sums(logits, labels, items)
+        loss, sums, tokens = causal_lm_loss_and_sums(logits, labels, items, entropy=entropy)
         (g_loss,) = torch.autograd.grad(loss, logits)
         assert loss.item() == pytest.approx(expected.item(), rel=1e-6)
-        assert torch.allclose(g_loss, g_expected, atol=1e-8)
-        separate, separate_tokens = per_example_sums(logits.detach(), labels)
-        assert sums[0].tolist() == pytest.approx(separate[0].tolist(), rel=1e-6)
+        assert torch.allclose(g_loss, g_expected, atol=1e-7)
+        separate, separate_tokens = per_example_sums(logits.detach(), labels, entropy=entropy)
+        assert sums.shape == separate.shape
+        for mine, theirs in zip(sums.tolist(), separate.tolist()):
+            assert mine == pytest.approx(theirs, rel=1e-5)
         assert tokens.tolist() == separate_tokens.tolist() == [4, 3]

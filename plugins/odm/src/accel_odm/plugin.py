@@ -168,7 +168,11 @@ class OdmPlugin(AccelerationPlugin):
 
                     packed = cu is not None and labels.shape[0] == 1
                     loss, sums, tokens = causal_lm_loss_and_sums(
-                        logits, labels, kwargs.get("num_items_in_batch"), cu if packed else None
+                        logits,
+                        labels,
+                        kwargs.get("num_items_in_batch"),
+                        cu if packed else None,
+                        entropy=self.options.reward_type != "train_loss",
                     )
                     self.credit(sums, tokens)
                     return loss
@@ -289,10 +293,10 @@ class OdmPlugin(AccelerationPlugin):
         self.credit(sums, tokens)
 
     def _one_pass(self, logits: Any, vocab_size: Any, kwargs: dict[str, Any]) -> bool:
-        """The loss and the train_loss reward can come from one cross-entropy: transformers'
-        default causal-LM loss with real logits and no custom label handling."""
+        """The loss and the reward can come from one pass: transformers' default causal-LM
+        loss with real logits and no custom label handling."""
         return (
-            self.options.reward_type == "train_loss"
+            self.options.reward_type in FORWARD_REWARDS
             and logits is not None
             and logits.shape[-1] == vocab_size
             and kwargs.get("shift_labels") is None

@@ -8,11 +8,11 @@ examples); the loss of each packed segment is that example's loss. The entropy r
 use the same pass: the Shannon entropy of the predicted distribution at each labelled
 position.
 
-Cost: with the model's default loss (transformers' ``ForCausalLMLoss``) and the train_loss
-reward, :func:`causal_lm_loss_and_sums` computes the loss and the per-example sums from one
-cross-entropy, so the reward costs a few reductions. Otherwise (another loss function, the
-entropy rewards) one more pass over the logits without autograd, the fp32 upcast ``CHUNK``
-positions at a time.
+Cost: with the model's default loss (transformers' ``ForCausalLMLoss``),
+:func:`causal_lm_loss_and_sums` computes the loss and the per-example sums in one pass, so
+train_loss costs a few reductions and the entropy rewards one more elementwise pass over the
+log-probabilities the loss computes anyway. With another loss function, one more pass over
+the logits without autograd, the fp32 upcast ``CHUNK`` positions at a time.
 """
 
 from __future__ import annotations
@@ -103,20 +103,28 @@ def causal_lm_loss_and_sums(
     labels: torch.Tensor,
     num_items_in_batch: torch.Tensor | int | None = None,
     cu_seq_lens: torch.Tensor | None = None,
+    entropy: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """transformers' causal-LM loss (``ForCausalLMLoss``: shifted labels, -100 ignored, the
     sum over ``num_items_in_batch`` when given, else the mean) and, from the same token
-    losses, ``(sums, tokens)`` per example as :func:`per_example_sums` returns them: one
-    cross-entropy for both."""
+    losses (and, with ``entropy``, the same log-probabilities), ``(sums, tokens)`` per
+    example as :func:`per_example_sums` returns them: one pass for both."""
     rows, length = labels.shape
     target = torch.nn.functional.pad(labels, (0, 1), value=IGNORE_INDEX)[:, 1:]
     flat_target = target.reshape(-1).to(logits.device)
-    token = torch.nn.functional.cross_entropy(
-        logits.float().reshape(-1, logits.shape[-1]),
-        flat_target,
-        ignore_index=IGNORE_INDEX,
-        reduction="none",
-    )
+    flat = logits.float().reshape(-1, logits.shape[-1])
+    stats = None
+    if entropy:
+        logp = torch.log_softmax(flat, dim=-1)
+        picked = -logp.gather(1, flat_target.clamp(min=0)[:, None])[:, 0]
+        token = picked * (flat_target != IGNORE_INDEX)  # what cross_entropy gives, ignored = 0
+        with torch.no_grad():
+            h = -(logp.exp() * logp).sum(dim=-1)
+            stats = torch.stack([h, h * h])
+    else:
+        token = torch.nn.functional.cross_entropy(
+            flat, flat_target, ignore_index=IGNORE_INDEX, reduction="none"
+        )
     if num_items_in_batch is not None:
         if torch.is_tensor(num_items_in_batch):
             num_items_in_batch = num_items_in_batch.to(token.device)
@@ -124,5 +132,8 @@ def causal_lm_loss_and_sums(
     else:
         loss = token.sum() / (flat_target != IGNORE_INDEX).sum()
     with torch.no_grad():
-        sums, tokens = _per_example(token.detach()[None], flat_target, rows, length, cu_seq_lens)
+        per_token = token.detach()[None]
+        if stats is not None:
+            per_token = torch.cat([per_token, stats])
+        sums, tokens = _per_example(per_token, flat_target, rows, length, cu_seq_lens)
     return loss, sums, tokens
