@@ -67,6 +67,9 @@ def _history(record, key):
 def test_ep2_matches_one_process(ep_runs):
     ranks, one = ep_runs["ranks"], ep_runs["one"]
     assert "expert parallel over 2 processes" in ep_runs["stdout"]
+    # the Trainer clips at max_grad_norm 1.0: equal weights after clipped steps mean every
+    # process clipped by the true global norm over dense, FSDP-sharded and EP-sharded grads
+    assert max(_history(one, "grad_norm")) > 1.0
     for rank in ranks:
         # the experts were split: each rank stores half of every expert tensor
         experts = [n for n in rank["params"] if "experts." in n]
