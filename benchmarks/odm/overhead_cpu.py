@@ -141,6 +141,16 @@ def main() -> None:
         "training_step vs uniform: "
         + ", ".join(f"{v} {results[v]['training_step'] / base:.3f}x" for v in VARIANTS[1:]),
     ]
+    lines += [
+        "",
+        "With transformers' default loss both rewards are computed inside the loss, from the "
+        "loss's own token losses (train_loss) or log-probabilities (entropy): the reward column "
+        "holds only the per-example sums and the credit to each dataset. What the entropy "
+        "reward adds inside the loss (log-softmax, exp and sum over the vocabulary instead of "
+        "the fused cross-entropy) shows in training_step against uniform; the odm variants "
+        "also draw other batches (other padded lengths) than uniform, so that ratio carries "
+        "some batch-to-batch variation.",
+    ]
     text = "\n".join(lines) + "\n"
     Path(args.report).write_text(text)
     print(text)
