@@ -5,6 +5,7 @@ the experts stay frozen in the training dtype."""
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -57,18 +58,16 @@ def test_qlora_mixtral_attention_only(data):
 
 
 def test_gptq_lora_qwen2_bf16(data):
+    from accel.cli.main import main as cli_main
     from accel.testing import save_tiny_model
-    from accel_peft.quantize import quantize
 
     model_dir = save_tiny_model(data / "qwen2", "qwen2", hidden_size=64, intermediate_size=128)
-    gptq = quantize(
-        str(model_dir),
-        str(data / "qwen2-gptq"),
-        bits=4,
-        group_size=32,
-        calibration=str(data / "train.jsonl"),
-        max_examples=16,
-    )
+    gptq = data / "qwen2-gptq"
+    command = ["quantize", str(model_dir), str(gptq), "--bits", "4", "--group_size", "32"]
+    calibration = ["--calibration", str(data / "train.jsonl"), "--max_examples", "16"]
+    assert cli_main([*command, *calibration]) == 0  # the command line, end to end
+    assert json.loads((gptq / "config.json").read_text())["quantization_config"]["bits"] == 4
+    assert not [p for p in data.iterdir() if p.name.startswith(".qwen2-gptq")]  # no staging left
     saved = _train_and_check(
         data, gptq, "qwen2-gptq", auto_gptq=["triton_v2"], torch_dtype="bfloat16"
     )

@@ -143,3 +143,14 @@ def test_required_packages_and_missing_package_message(tmp_path):
             sections={"peft.quantization.bitsandbytes": {}}, available={"bitsandbytes": info}
         )
     assert "pip install 'accel-peft-absent-backend>=1.0'" in str(err.value)
+
+
+def test_commands_name_a_missing_backend_package(monkeypatch):
+    from accel_peft import packages
+
+    monkeypatch.setitem(packages.PACKAGES, "gptq", ("accel-peft-absent-backend>=1.0",))
+    with pytest.raises(
+        PluginRequirementError, match=r"pip install 'accel-peft-absent-backend>=1.0'"
+    ):
+        packages.require("gptq", "accel quantize")
+    packages.require("bitsandbytes", "--bnb_qlora")  # installed here: no error

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 
 import pytest
 import torch
@@ -73,7 +74,15 @@ def test_qlora_trains_saves_and_exports(assets, tmp_path):
     saved = tmp_path / "save-qlora"
     assert (saved / "adapter_model.safetensors").is_file()
     info = json.loads((saved / BASE_FILE).read_text())
+    assert info.pop("adapter_sha256")
     assert info == {"method": "bitsandbytes", "quant_type": "nf4", "torch_dtype": "bfloat16"}
+    assert read_adapter(str(saved))[1]["method"] == "bitsandbytes"
+    other = tmp_path / "other-adapters"  # a record beside other adapters is not applied
+    shutil.copytree(saved, other)
+    data = bytearray((other / "adapter_model.safetensors").read_bytes())
+    data[-1] ^= 1
+    (other / "adapter_model.safetensors").write_bytes(bytes(data))
+    assert read_adapter(str(other))[1] == {}
     _check_export(saved, tmp_path / "merged", torch.bfloat16)
 
 

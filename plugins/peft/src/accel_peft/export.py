@@ -23,10 +23,32 @@ from .output import check_output_dir, staged
 BASE_FILE = "accel_base_quantization.json"
 
 
+def _adapter_digest(folder: Path) -> str | None:
+    """SHA-256 of the adapter weights: ties the recorded base to the adapters it trained, so a
+    record left beside adapters of a later run is never applied to them."""
+    import hashlib
+
+    weights = folder / "adapter_model.safetensors"
+    if not weights.is_file():
+        return None
+    digest = hashlib.sha256()
+    with weights.open("rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def write_base_info(folder: str, info: dict[str, Any]) -> None:
+    """Write ``BASE_FILE`` next to saved adapters (atomically; nothing when there are none)."""
+    import os
+
     path = Path(folder)
-    if (path / "adapter_config.json").is_file():
-        (path / BASE_FILE).write_text(json.dumps(info, indent=2) + "\n")
+    digest = _adapter_digest(path)
+    if digest is None or not (path / "adapter_config.json").is_file():
+        return
+    tmp = path / f".{BASE_FILE}.tmp"
+    tmp.write_text(json.dumps({**info, "adapter_sha256": digest}, indent=2) + "\n")
+    os.replace(tmp, path / BASE_FILE)
 
 
 def read_adapter(adapter_dir: str) -> tuple[str, dict[str, Any]]:
@@ -52,6 +74,8 @@ def read_adapter(adapter_dir: str) -> tuple[str, dict[str, Any]]:
     check_model_source(base, f"base model (base_model_name_or_path in {config_file})")
     info_file = folder / BASE_FILE
     info = json.loads(info_file.read_text()) if info_file.is_file() else {}
+    if info and info.get("adapter_sha256") != _adapter_digest(folder):
+        info = {}  # recorded for other adapters (an earlier run into the same folder)
     return base, info
 
 

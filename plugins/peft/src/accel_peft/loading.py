@@ -10,6 +10,8 @@ from typing import Any
 
 from accel import ConfigError
 
+from .packages import require
+
 #: bits and group sizes both of gptqmodel's training kernels run (torch on CPU, Triton on CUDA;
 #: the torch kernel alone also runs 3, 5, 6 and 7 bits)
 GPTQ_BITS = (2, 4, 8)
@@ -85,6 +87,7 @@ def load_bnb_4bit(name_or_path: str, model_kwargs: dict[str, Any], quant_type: s
             f"model '{name_or_path}' is already quantized (quant_method '{method}'); "
             "--bnb_qlora needs a full-precision model"
         )
+    require("bitsandbytes", "--bnb_qlora")
     from transformers import AutoModelForCausalLM
     from transformers import BitsAndBytesConfig as HFBitsAndBytesConfig
 
@@ -144,6 +147,7 @@ def load_gptq(name_or_path: str, model_kwargs: dict[str, Any]) -> Any:
     """Load a GPTQ checkpoint through transformers' GPTQ integration (gptqmodel + optimum)
     with the device's backend."""
     config = check_gptq_config(name_or_path)
+    require("gptq", "--auto_gptq")
     from transformers import AutoModelForCausalLM, GPTQConfig
 
     kwargs = _no_sharded_loading(model_kwargs, "--auto_gptq")

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 from accel import AccelerationPlugin, Flag, hook
 
 from .config import AutoGPTQConfig, BitsAndBytesConfig
+from .packages import PACKAGES
 
 if TYPE_CHECKING:
     from peft import PeftConfig
@@ -73,7 +74,7 @@ class BitsAndBytesPlugin(_QuantizedLoRAPlugin):
         ),
     )
     conflicts = ("auto_gptq",)
-    required_packages = ("bitsandbytes>=0.45",)
+    required_packages = PACKAGES["bitsandbytes"]
     flag_name = "bnb_qlora"
     base_layer = "bitsandbytes"
 
@@ -118,7 +119,7 @@ class AutoGPTQPlugin(_QuantizedLoRAPlugin):
         ),
     )
     conflicts = ("bitsandbytes",)
-    required_packages = ("gptqmodel>=7.6", "optimum>=2.0")
+    required_packages = PACKAGES["gptq"]
     flag_name = "auto_gptq"
     base_layer = "auto_gptq"
 

@@ -12,6 +12,7 @@ from accel import ConfigError
 
 from .loading import check_bits, quant_method
 from .output import check_output_dir, staged
+from .packages import require
 
 
 def calibration_texts(path: str, limit: int) -> list[str]:
@@ -77,6 +78,7 @@ def quantize(
     check_source(model_dir)
     target = check_output_dir(output_dir)
     texts = calibration_texts(calibration, max_examples)
+    require("gptq", "accel quantize")
 
     import gptqmodel
     import torch
