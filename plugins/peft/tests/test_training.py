@@ -145,3 +145,19 @@ def test_fused_lora_and_fast_kernels_keep_every_setting(gptq_dir, assets, tmp_pa
         assert all(map(math.isfinite, values)) and values[-1] < values[0]
     finally:
         result.framework.revert_patches()
+
+
+def test_gptq_seed_command_line_verbatim(gptq_dir, assets, tmp_path, capsys):
+    """fms-hf-tuning's GPTQ-LoRA command: `--auto_gptq triton_v2 --torch_dtype float16 --fp16`
+    (a bare --fp16), through `accel train`."""
+    from peft_helpers import train_argv
+
+    argv = train_argv(assets, gptq_dir, "--auto_gptq", "triton_v2", "--torch_dtype", "float16")
+    argv[argv.index("--output_dir") + 1] = str(tmp_path / "out")
+    extra = ["--fp16", "--max_steps", "3", "--learning_rate", "3e-3", "--logging_steps", "1"]
+    assert cli_main([*argv, *extra]) == 0
+    out = capsys.readouterr().out
+    assert "auto_gptq (accel-peft" in out and "gptqmodel backend torch" in out
+    logged = [json.loads(line) for line in (tmp_path / "out" / "training_logs.jsonl").open()]
+    values = [r["loss"] for r in logged if "loss" in r]
+    assert len(values) == 3 and all(map(math.isfinite, values))
