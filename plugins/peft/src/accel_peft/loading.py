@@ -156,4 +156,9 @@ def load_gptq(name_or_path: str, model_kwargs: dict[str, Any]) -> Any:
         bits=config["bits"], group_size=config["group_size"], backend=gptq_backend()
     )
     kwargs["device_map"] = _device_map()
-    return AutoModelForCausalLM.from_pretrained(name_or_path, **kwargs)
+    import warnings
+
+    with warnings.catch_warnings():
+        # passing a GPTQConfig only to choose the backend is what transformers' warning means
+        warnings.filterwarnings("ignore", message="You passed `quantization_config`")
+        return AutoModelForCausalLM.from_pretrained(name_or_path, **kwargs)
