@@ -96,8 +96,25 @@ def quantize(
     device = "cuda" if torch.cuda.is_available() else "cpu"
     config = QuantizeConfig(bits=bits, group_size=group_size)
     model = GPTQModel.load(model_dir, config, device=device)
+    _quantize_logging_into(_cache_dir() / "gptq-logs")
     model.quantize(examples, batch_size=batch_size)
     with staged(target) as staging:
         model.save(str(staging))
         tokenizer.save_pretrained(str(staging))
     return target
+
+
+def _cache_dir() -> Path:
+    return Path(os.environ.get("ACCEL_CACHE") or Path.home() / ".cache" / "accel")
+
+
+def _quantize_logging_into(folder: Path) -> None:
+    """gptqmodel writes a per-layer log file under ``./logs`` of the working directory (written
+    in the background, so it must outlive the call); keep the user's folder clean by pointing
+    it into accel's cache instead."""
+    try:
+        from gptqmodel.looper import loop_processor
+    except ImportError:
+        return
+    if hasattr(loop_processor, "_PROJECT_LOG_DIR"):
+        loop_processor._PROJECT_LOG_DIR = folder
