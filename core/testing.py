@@ -212,3 +212,24 @@ def assert_close_scaled(
     assert err <= rel * scale, (
         f"{what} {tuple(expected.shape)}: max |diff| {err:.3g} > {rel} * {scale:.3g}"
     )
+
+
+def cipher_run_args(model_dir: str | Path, data_path: str | Path, **overrides: Any) -> dict:
+    """Trainer arguments of a short, deterministic run on the demo's cipher task (rows from
+    ``accel.trainer.demo.make_examples`` written as JSONL at ``data_path``); ``overrides`` win."""
+    from .trainer.demo import RESPONSE_TEMPLATE, TEMPLATE
+
+    return {
+        "model_name_or_path": str(model_dir),
+        "training_data_path": str(data_path),
+        "data_formatter_template": TEMPLATE,
+        "response_template": RESPONSE_TEMPLATE,
+        "max_seq_length": 48,
+        "max_steps": 4,
+        "learning_rate": 1e-3,
+        "logging_steps": 1,
+        "save_strategy": "no",
+        "disable_tqdm": True,
+        "seed": 7,
+        **overrides,
+    }

@@ -42,20 +42,11 @@ def train_jsonl(
 @pytest.fixture
 def base_args(tiny_model_dir: Path, train_jsonl: Path, tmp_path: Path) -> dict:
     """Arguments of a short, fast training run on the cipher task."""
-    from accel.trainer.demo import RESPONSE_TEMPLATE, TEMPLATE
+    from accel.testing import cipher_run_args
 
-    return {
-        "model_name_or_path": str(tiny_model_dir),
-        "training_data_path": str(train_jsonl),
-        "data_formatter_template": TEMPLATE,
-        "response_template": RESPONSE_TEMPLATE,
-        "max_seq_length": 48,
-        "output_dir": str(tmp_path / "out"),
-        "per_device_train_batch_size": 8,
-        "max_steps": 4,
-        "learning_rate": 1e-3,
-        "logging_steps": 1,
-        "save_strategy": "no",
-        "disable_tqdm": True,
-        "seed": 7,
-    }
+    return cipher_run_args(
+        tiny_model_dir,
+        train_jsonl,
+        output_dir=str(tmp_path / "out"),
+        per_device_train_batch_size=8,
+    )

@@ -36,21 +36,9 @@ PER_RANK = 4
 
 @pytest.fixture(scope="module")
 def run_args(tiny_model_dir: Path, train_jsonl: Path) -> dict:
-    from accel.trainer.demo import RESPONSE_TEMPLATE, TEMPLATE
+    from accel.testing import cipher_run_args
 
-    return {
-        "model_name_or_path": str(tiny_model_dir),
-        "training_data_path": str(train_jsonl),
-        "data_formatter_template": TEMPLATE,
-        "response_template": RESPONSE_TEMPLATE,
-        "max_seq_length": 48,
-        "max_steps": STEPS,
-        "learning_rate": 1e-3,
-        "logging_steps": 1,
-        "save_strategy": "no",
-        "disable_tqdm": True,
-        "seed": 7,
-    }
+    return cipher_run_args(tiny_model_dir, train_jsonl, max_steps=STEPS)
 
 
 @pytest.fixture(scope="module")

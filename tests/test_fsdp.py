@@ -43,21 +43,9 @@ LORA = {"peft_method": "lora", "lora_dropout": 0.0, "target_modules": ["q_proj",
 
 @pytest.fixture(scope="module")
 def run_args(tiny_model_dir: Path, train_jsonl: Path) -> dict:
-    from accel.trainer.demo import RESPONSE_TEMPLATE, TEMPLATE
+    from accel.testing import cipher_run_args
 
-    return {
-        "model_name_or_path": str(tiny_model_dir),
-        "training_data_path": str(train_jsonl),
-        "data_formatter_template": TEMPLATE,
-        "response_template": RESPONSE_TEMPLATE,
-        "max_seq_length": 48,
-        "max_steps": 4,
-        "learning_rate": 1e-2,
-        "logging_steps": 1,
-        "save_strategy": "no",
-        "disable_tqdm": True,
-        "seed": 7,
-    }
+    return cipher_run_args(tiny_model_dir, train_jsonl, learning_rate=1e-2)
 
 
 def single_process(args: dict, root: Path) -> dict:

@@ -37,19 +37,11 @@ def moe_run_dir(tmp_path_factory: pytest.TempPathFactory):
 
 @pytest.fixture
 def run_args(moe_run_dir) -> dict:
-    from accel.trainer.demo import RESPONSE_TEMPLATE, TEMPLATE
+    from accel.testing import cipher_run_args
 
-    return {
-        "model_name_or_path": str(moe_run_dir / "model"),
-        "training_data_path": str(moe_run_dir / "train.jsonl"),
-        "data_formatter_template": TEMPLATE,
-        "response_template": RESPONSE_TEMPLATE,
-        "max_seq_length": 48,
-        "per_device_train_batch_size": 8,
-        "max_steps": 4,
-        "learning_rate": 1e-2,
-        "logging_steps": 1,
-        "save_strategy": "no",
-        "disable_tqdm": True,
-        "seed": 7,
-    }
+    return cipher_run_args(
+        moe_run_dir / "model",
+        moe_run_dir / "train.jsonl",
+        per_device_train_batch_size=8,
+        learning_rate=1e-2,
+    )

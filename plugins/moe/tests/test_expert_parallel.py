@@ -20,7 +20,7 @@ def ep_runs(moe_run_dir, tmp_path_factory):
     from moe_models import save_moe_model
 
     import accel
-    from accel.trainer.demo import RESPONSE_TEMPLATE, TEMPLATE
+    from accel.testing import cipher_run_args
     from accel.trainer.trainer import AccelTrainer
 
     root = tmp_path_factory.mktemp("ep")
@@ -28,19 +28,7 @@ def ep_runs(moe_run_dir, tmp_path_factory):
     # tokens (a nonlinear function of the routing fractions), so a data-parallel run's loss
     # differs from one process's by up to the aux coefficient (0.001 x ~2) in every engine.
     save_moe_model(root / "model", "mixtral", output_router_logits=False)
-    base = {
-        "model_name_or_path": str(root / "model"),
-        "training_data_path": str(moe_run_dir / "train.jsonl"),
-        "data_formatter_template": TEMPLATE,
-        "response_template": RESPONSE_TEMPLATE,
-        "max_seq_length": 48,
-        "max_steps": 4,
-        "learning_rate": 1e-2,
-        "logging_steps": 1,
-        "save_strategy": "no",
-        "disable_tqdm": True,
-        "seed": 7,
-    }
+    base = cipher_run_args(root / "model", moe_run_dir / "train.jsonl", learning_rate=1e-2)
     ep = {**base, "per_device_train_batch_size": 4, "fast_moe": 2}
     ep["output_dir"], ep["save_model_dir"] = str(root / "ep-out"), str(root / "ep-model")
     done = torchrun(PORT, str(WORKER), write_args(root / "ep.json", ep), str(root / "ep"))
