@@ -194,15 +194,50 @@ def test_torch_row_chunks_do_not_change_results(rows_per_chunk):
     torch.testing.assert_close(g_chunked, g_whole, **FP32)
 
 
-def test_out_of_range_label(impl, device):
+@pytest.mark.parametrize("bad", [V, V + 7, -1, -101])
+def test_out_of_range_label(impl, device, bad):
+    """Both paths refuse a label outside [0, V) that is not ignore_index, same message."""
     logits, labels = make_inputs(torch.float32, n=4, device=device)
-    labels[2] = V
-    if impl == "torch":
-        with pytest.raises(ValueError, match="outside the vocabulary"):
-            cross_entropy(logits, labels)
-    else:  # no sync on the GPU path: NaN instead
-        rows = cross_entropy(logits, labels, reduction="none")
-        assert torch.isnan(rows[2]) and torch.isfinite(rows[[0, 1, 3]]).all()
+    labels[2] = bad
+    with pytest.raises(ValueError, match=f"labels contain {bad}, outside the vocabulary"):
+        cross_entropy(logits, labels)
+
+
+@pytest.mark.parametrize("softcap", [30.0, 3000.0])
+def test_small_softcap_ratio_fp32(impl, device, softcap):
+    """logits/softcap ~1e-2..1e-4, where tanh by 1 - 2/(e^2x + 1) lost digits: fp32 tolerance."""
+    logits, labels = make_inputs(torch.float32, n=7, v=33, device=device)
+    ours, ref, g_ours, g_ref = run_both(logits, labels, softcap=softcap, reduction="sum")
+    torch.testing.assert_close(ours, ref, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(g_ours, g_ref, rtol=1e-5, atol=1e-7)
+
+
+def test_triton_tanh_matches_torch(triton_device):
+    """The kernel's soft-cap (cap=1) against torch.tanh across both branches of its tanh."""
+    x = torch.tensor(
+        [[0.0, 1e-6, -1e-3, 1e-3, 0.1, -0.3, 0.49, 0.5, -0.51, 1.0, 3.0, -9.0, 20.0, -50.0]],
+        device=triton_device,
+    )
+    # loss = lse(tanh(x)) - tanh(x[0]) = lse(tanh(x)): compare against the reference loss.
+    labels = torch.zeros(1, dtype=torch.long, device=triton_device)
+    grad = torch.empty_like(x)
+    loss = _ce_rows_triton(x, labels, -100, 1.0, torch.tensor(1.0), grad)
+    t = torch.tanh(x.double())
+    ref_grad = (torch.softmax(t, 1) - F.one_hot(labels, x.shape[1])) * (1 - t * t)
+    torch.testing.assert_close(loss.double(), torch.logsumexp(t, 1) - t[:, 0], rtol=1e-7, atol=0)
+    torch.testing.assert_close(grad.double(), ref_grad, rtol=1e-6, atol=1e-8)
+
+
+def test_no_grad_skips_gradient(impl, device):
+    """Under no_grad an input requiring grad gets the loss only: with inplace_backward the
+    logits would otherwise be overwritten by their gradient during forward."""
+    logits, labels = make_inputs(torch.float32, n=6, device=device)
+    x = logits.clone().requires_grad_(True)
+    with torch.no_grad():
+        loss = cross_entropy(x, labels, inplace_backward=True)
+    torch.testing.assert_close(loss, reference(logits, labels), **FP32)
+    assert torch.equal(x.detach(), logits)  # untouched: no gradient was written
+    assert loss.grad_fn is None
 
 
 @pytest.mark.parametrize(
