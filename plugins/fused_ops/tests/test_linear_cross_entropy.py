@@ -16,6 +16,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from accel_fused_ops.kernels.linear_cross_entropy import (
     default_chunk_size,
@@ -163,11 +164,65 @@ def test_all_labels_ignored(impl, device):
     assert total.item() == 0.0
 
 
-def test_no_grad_forward(impl, device):
+class _OpLog(TorchDispatchMode):
+    """Every aten op run inside, with the shapes of the new tensors it allocated (outputs
+    sharing an input's storage, such as detach or transpose, are views, not buffers)."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops: list[tuple[str, list[tuple[int, ...]]]] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        outs = out if isinstance(out, tuple | list) else [out]
+        flat = [*args, *(kwargs or {}).values()]
+        inputs = {t.untyped_storage().data_ptr() for t in flat if isinstance(t, torch.Tensor)}
+        shapes = [
+            tuple(t.shape)
+            for t in outs
+            if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in inputs
+        ]
+        self.ops.append((str(func.overloadpacket), shapes))
+        return out
+
+    def count(self, *names):
+        return sum(name in names for name, _ in self.ops)
+
+    def made(self, shape):
+        return any(shape in shapes for _, shapes in self.ops)
+
+
+def _logged(fn):
+    with _OpLog() as log:
+        loss = fn()
+    return loss, log
+
+
+@pytest.mark.parametrize("variant", ["linear", "module"])
+def test_no_grad_forward(impl, device, variant):
+    """Under no_grad, inputs requiring grad cost what frozen ones cost: no backward matmuls,
+    no (V, H) weight-gradient buffer; observed from the aten ops actually run."""
     hidden, weight, bias, labels = make(device=device)
+    h, w, b = leaves(hidden, weight, bias)
+    head = nn.Linear(H, V).to(device)
     with torch.no_grad():
-        loss = fused_linear_cross_entropy(hidden, weight, labels, bias, chunk_size=CHUNK)
-    torch.testing.assert_close(loss, reference_loss(hidden, weight, bias, labels), **FP32)
+        head.weight.copy_(weight), head.bias.copy_(bias)
+
+    def run():
+        if variant == "linear":
+            return fused_linear_cross_entropy(h, w, labels, b, chunk_size=CHUNK)
+        return fused_linear_cross_entropy_module(h, head, labels, chunk_size=CHUNK)
+
+    with torch.no_grad():
+        loss, log = _logged(run)
+    ref = reference_loss(hidden, weight, bias, labels)
+    torch.testing.assert_close(loss, ref, **FP32)
+    assert loss.grad_fn is None
+    _, log_grad = _logged(run)
+    matmuls = ("aten.mm", "aten.addmm", "aten.matmul", "aten.linear")
+    assert log_grad.made((V, H)) and not log.made((V, H))
+    n_chunks = -(-N // CHUNK)
+    assert 0 < log.count(*matmuls) <= n_chunks < log_grad.count(*matmuls)
 
 
 def test_autocast_bf16_matches_transformers_style():
@@ -309,3 +364,15 @@ def test_bad_arguments(monkeypatch):
     bad[3] = V + 7
     with pytest.raises(ValueError, match="1007, outside the vocabulary"):
         fused_linear_cross_entropy(hidden, weight, bad)
+
+
+@pytest.mark.parametrize("bad", [V, -1])
+def test_out_of_range_label(impl, device, bad):
+    """Both paths and both variants refuse a label outside [0, V) with the same message."""
+    hidden, weight, bias, labels = make(device=device)
+    labels[5] = bad
+    with pytest.raises(ValueError, match=f"labels contain {bad}, outside the vocabulary"):
+        fused_linear_cross_entropy(hidden, weight, labels, bias, chunk_size=CHUNK)
+    head = nn.Linear(H, V).to(device)
+    with pytest.raises(ValueError, match=f"labels contain {bad}, outside the vocabulary"):
+        fused_linear_cross_entropy_module(hidden, head, labels, chunk_size=CHUNK)

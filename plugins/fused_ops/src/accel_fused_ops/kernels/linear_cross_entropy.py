@@ -451,8 +451,12 @@ def fused_linear_cross_entropy(
     labels = labels.to(hidden.device)
     compute_dtype = _linear_compute_dtype(hidden, weight)
     impl = choose_impl(hidden)
-    if impl == "torch":
-        check_label_range(labels, weight.shape[0], ignore_index)
+    check_label_range(labels, weight.shape[0], ignore_index)
+    if not torch.is_grad_enabled():
+        # needs_input_grad ignores grad mode: detach so no_grad skips the backward projection
+        # and the (V, H) weight-gradient buffer.
+        hidden, weight = hidden.detach(), weight.detach()
+        bias = bias.detach() if bias is not None else None
     opts = _Options(
         impl,
         int(ignore_index),
@@ -524,8 +528,10 @@ def fused_linear_cross_entropy_module(
     labels = labels.to(hidden.device)
     vocab_size = _vocab_size_of(projection, hidden)
     impl = choose_impl(hidden)
-    if impl == "torch":
-        check_label_range(labels, vocab_size, ignore_index)
+    check_label_range(labels, vocab_size, ignore_index)
+    if not torch.is_grad_enabled():
+        # As in fused_linear_cross_entropy: no gradient work under no_grad.
+        hidden, params = hidden.detach(), [p.detach() for p in params]
     opts = _Options(
         impl,
         int(ignore_index),
