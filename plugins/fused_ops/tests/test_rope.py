@@ -156,3 +156,26 @@ def test_cos_sin_requiring_grad_fall_back_to_autograd(impl, device):
     e_cos, e_sin = torch.autograd.grad((e_q.sum() + e_k.sum()), (cos, sin))
     torch.testing.assert_close(d_cos, e_cos, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(d_sin, e_sin, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("heads_dim", [1, 2])
+def test_two_dim_tables_broadcast_over_batch(impl, device, heads_dim):
+    """(S, R) cos/sin mean one table for every sequence: equal to the (1, S, R) result of
+    transformers' formula, forward and backward, fp32 at rtol=1e-5, atol=1e-6."""
+    q, k = projections(torch.float32, head_dim=10, heads_dim=heads_dim, device=device)
+    position_ids = torch.arange(S, device=device).unsqueeze(0)
+    cos, sin = rotary(10, device)(q, position_ids)
+    grads = (torch.randn_like(q), torch.randn_like(k))
+    expected = forward_backward(hf_rope, q, k, cos, sin, grads, unsqueeze_dim=heads_dim)
+    got = forward_backward(
+        apply_rotary_pos_emb, q, k, cos[0], sin[0], grads, unsqueeze_dim=heads_dim
+    )
+    for g, e in zip(got, expected, strict=True):
+        assert_close(g, e)
+
+
+def test_two_dim_tables_of_wrong_length_are_refused():
+    q, k = projections(torch.float32, head_dim=10)
+    cos, sin = rotary(10)(q, torch.arange(S - 1).unsqueeze(0))
+    with pytest.raises(ValueError, match=r"2-D cos/sin \(36, 10\) must be \(seq_len"):
+        apply_rotary_pos_emb(q, k, cos[0], sin[0])

@@ -319,7 +319,7 @@ def apply_rotary_pos_emb(
 
     q: (B, Hq, S, D), k: (B, Hk, S, D) (or (B, S, H, D) with ``unsqueeze_dim=2``);
     cos/sin: (B or 1, S, R) with R <= D, already gathered per token by the model's rotary
-    module. ``position_ids`` is accepted for the older signature and ignored: cos/sin carry
+    module, or (S, R), shared by the whole batch. ``position_ids`` is accepted for the older signature and ignored: cos/sin carry
     the positions. Uses the Triton kernel on CUDA (``ACCEL_KERNEL_IMPL`` overrides); inputs
     outside the fused layout (other ranks, odd R, cos/sin that need gradients, mixed q/k
     dtypes) run the reference formula.
@@ -339,6 +339,18 @@ def apply_rotary_pos_emb(
             "the same shape (both come from the model's rotary-embedding module)"
         )
 
+    if q.dim() == 4 and cos.dim() == 2:
+        # One (S, R) table shared by every sequence of the batch: add the batch dim, which
+        # the 3-D path broadcasts (unsqueezing it on the heads dim alone would not line up).
+        seq_len = q.shape[3 - unsqueeze_dim % 4] if unsqueeze_dim % 4 in (1, 2) else None
+        if seq_len is None or cos.shape[0] != seq_len:
+            raise ValueError(
+                f"apply_rotary_pos_emb: 2-D cos/sin {tuple(cos.shape)} must be (seq_len, "
+                f"rotary_dim) with seq_len={q.shape[2 if unsqueeze_dim % 4 == 1 else 1]} "
+                f"matching q {tuple(q.shape)} (unsqueeze_dim={unsqueeze_dim}); pass "
+                "(batch or 1, seq_len, rotary_dim) tables otherwise"
+            )
+        cos, sin = cos.unsqueeze(0), sin.unsqueeze(0)
     layout = unsqueeze_dim % 4 if q.dim() == 4 and cos.dim() == 3 else None
     if layout not in (1, 2) or not _fits_fused_path(q, k, cos, sin, layout):
         return rope_reference(q, k, cos, sin, unsqueeze_dim)
