@@ -21,6 +21,7 @@ COMMANDS = {
     "train": "fine-tune a model (see `accel train --help`); `accel train --demo` runs the demo",
     "quantize": "quantize a local model to a GPTQ checkpoint (plugin package accel-peft)",
     "export": "export trained adapters: `accel export merged <adapter_dir> <output_dir>`",
+    "plot": "plot a run: `accel plot odm <output_dir>` draws the online-mixing weights as a PNG",
 }
 
 
@@ -77,10 +78,12 @@ def build_parser() -> argparse.ArgumentParser:
     arguments.add_argument("config", help="a sample name from `accel configs` or a YAML file path")
     sub.add_parser("train", help=COMMANDS["train"], add_help=False)
     from .export import add_parser as add_export
+    from .plot import add_parser as add_plot
     from .quantize import add_parser as add_quantize
 
     add_quantize(sub, COMMANDS["quantize"])
     add_export(sub, COMMANDS["export"])
+    add_plot(sub, COMMANDS["plot"])
     return parser
 
 
@@ -124,6 +127,10 @@ def _run(command: str | None, args: object) -> int:
             from .export import run_export
 
             return run_export(args)
+        if command == "plot":
+            from .plot import run_plot
+
+            return run_plot(args)
         from .configs import run_arguments, run_configs
 
         return run_configs(args) if command == "configs" else run_arguments(args)
