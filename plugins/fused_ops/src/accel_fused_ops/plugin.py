@@ -12,8 +12,8 @@ from .config import FusedOpsConfig
 from .support import ALL_MODEL_TYPES
 
 if TYPE_CHECKING:
-    from peft import PeftModel
-    from transformers import PreTrainedModel
+    from peft import PeftConfig, PeftModel
+    from transformers import PreTrainedModel, TrainingArguments
 
 TRAINING_PATH = "training.fused_ops_and_kernels"
 PEFT_PATH = "peft.quantization.fused_ops_and_kernels"
@@ -47,6 +47,24 @@ class FusedOpsPlugin(AccelerationPlugin):
         super().__init__(configs)
         #: both paths' configs merged into one (raises ValueError on contradicting values)
         self.settings = reduce(FusedOpsConfig.merged, self.configs.values(), FusedOpsConfig())
+
+    @hook
+    def augment_model(
+        self, model: PreTrainedModel, train_args: TrainingArguments, peft_config: PeftConfig | None
+    ) -> tuple[PreTrainedModel, PeftConfig | None]:
+        """Refuse settings the fused loss would silently bypass, before training starts."""
+        smoothing = getattr(train_args, "label_smoothing_factor", 0.0)
+        if self.settings.loss_mode is not None and smoothing:
+            from accel.errors import ConfigError
+
+            # transformers' Trainer then pops the labels and smooths the model's logits
+            # itself: the fused loss never runs (and fused-linear mode returns no logits).
+            raise ConfigError(
+                f"--label_smoothing_factor {smoothing} cannot be combined with the fused loss "
+                f"(fast_loss={self.settings.fast_loss!r}): set --label_smoothing_factor 0 or "
+                "turn the fused loss off (--fast_kernels False ...)"
+            )
+        return model, peft_config
 
     @hook
     def patch_rules(self, model: PreTrainedModel | PeftModel) -> Sequence[PatchRule]:
