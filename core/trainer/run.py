@@ -84,7 +84,7 @@ def run(config: TrainConfig, available: Mapping[str, Any]) -> TrainResult:
     framework.check_model(model_config)
     from .quantized import check_quantized_base
 
-    check_quantized_base(config, framework.names, model_config)
+    check_quantized_base(config, framework, model_config)
     check_save_dir(args.save_model_dir)
     resume = resolve_resume(  # checked before the model loads: damaged, model-only, foreign
         args.resume_from_checkpoint,

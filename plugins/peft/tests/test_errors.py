@@ -1,7 +1,6 @@
 """Every user error of the plugins and their commands: one ``accel: error:`` line naming the
 flag, key, file or value and the fix, exit status 2, no traceback; checked before the model
-loads wherever the information exists then (only the fused_lora base mismatch needs the
-adapters in place)."""
+loads wherever the information exists then."""
 
 from __future__ import annotations
 
@@ -70,12 +69,39 @@ def test_from_quantized_false(assets, gptq_dir, capsys):
     assert "plugins.peft.quantization.auto_gptq" in err and "accel quantize" in err
 
 
-def test_fused_lora_naming_the_other_base(assets, capsys):
-    argv = train_argv(
-        assets, assets / "llama", "--bnb_qlora", "nf4", "--fused_lora", "auto_gptq", "True"
-    )
-    err = _error(capsys, argv)
-    assert "base_layer is 'auto_gptq'" in err and "on bitsandbytes" in err
+@pytest.fixture(scope="module")
+def unloadable(assets, tmp_path_factory):
+    """A model folder that passes every check before loading (config.json, complete weights)
+    but fails to load: its config's hidden size does not match the weights."""
+    bad = tmp_path_factory.mktemp("unloadable") / "llama"
+    shutil.copytree(assets / "llama", bad)
+    config = json.loads((bad / "config.json").read_text())
+    config["hidden_size"] = 96
+    (bad / "config.json").write_text(json.dumps(config))
+    return bad
+
+
+def test_fused_lora_naming_the_other_base_fails_before_loading(assets, unloadable, capsys):
+    # the folder cannot load (next test), so this error was raised before loading
+    argv = train_argv(assets, unloadable, "--bnb_qlora", "nf4", "--fused_lora", "auto_gptq")
+    err = _error(capsys, [*argv, "True"])
+    assert (
+        "--fused_lora auto_gptq True: fused_lora's base_layer is 'auto_gptq', but the base is "
+        "loaded by plugin 'bitsandbytes' (--bnb_qlora nf4), so the LoRA layers sit on "
+        "bitsandbytes layers; pass --fused_lora bitsandbytes True"
+    ) in err
+
+
+def test_the_unloadable_model_fails_in_loading(assets, unloadable):
+    with pytest.raises(RuntimeError, match="ignore_mismatched_sizes"):
+        cli_main(train_argv(assets, unloadable, "--bnb_qlora", "nf4"))
+
+
+def test_fused_lora_naming_the_other_base_gptq(assets, gptq_dir, capsys):
+    argv = train_argv(assets, gptq_dir, "--auto_gptq", "triton_v2", "--fused_lora")
+    err = _error(capsys, [*argv, "bitsandbytes", "True"])
+    assert "but the base is loaded by plugin 'auto_gptq' (--auto_gptq triton_v2)" in err
+    assert "pass --fused_lora auto_gptq True" in err
 
 
 def test_checkpoint_bits_gptqmodel_cannot_train(assets, gptq_dir, tmp_path, capsys):
