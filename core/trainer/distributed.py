@@ -17,8 +17,9 @@ before training when what was asked for did not engage:
   :func:`check_engaged` compares what the Trainer's accelerator set up with what was asked for.
 - **FSDP2 at load time** (``fsdp_size``): ``from_pretrained(distributed_config=
   DistributedConfig(fsdp_size=N))``, transformers' own engine, which shards on CPU/gloo too.
-  Trainer checkpoints cannot be resumed with such a model (transformers refuses them), so the
-  combination is refused in :func:`check_launch` before anything loads.
+  transformers refuses Trainer checkpoints of such a model; accel writes them as sharded DCP
+  state (:mod:`accel.trainer.sharded_checkpoint`), and :func:`check_launch` refuses up front
+  what that layout cannot serve.
 """
 
 from __future__ import annotations
@@ -105,31 +106,39 @@ def check_launch(config: Any) -> None:
             f"(this launch has {world}); run `torchrun --nproc_per_node {max(fsdp_size, 2)} "
             "-m accel.cli train ...`"
         )
-    refuse_load_time_sharding_checkpoints(args, f"fsdp_size {fsdp_size}")
+    check_load_time_sharding_checkpoints(args, f"fsdp_size {fsdp_size}")
 
 
-def refuse_load_time_sharding_checkpoints(args: Any, what: str) -> None:
+def check_load_time_sharding_checkpoints(args: Any, what: str) -> None:
     """Checkpoints of a model sharded at load time (``what``: fsdp_size, expert parallelism)
-    cannot be resumed by transformers: refuse saving them with the optimizer, and resuming."""
+    are sharded DCP state (:mod:`accel.trainer.sharded_checkpoint`). Refuse, before training,
+    what that cannot serve: reloading the best model at the end, and resuming from a
+    checkpoint of another layout (a run that was not sharded at load time)."""
     save = str(getattr(args.save_strategy, "value", args.save_strategy))
-    if save != "no" and not args.save_only_model:
+    if save != "no" and getattr(args, "load_best_model_at_end", False):
         raise ConfigError(
-            f"{what}: transformers cannot checkpoint the optimizer of a model "
-            f"sharded at load time, so save_strategy '{save}' would write checkpoints nobody can "
-            "resume; set save_strategy 'no' (the final model still goes to save_model_dir) or "
-            "save_only_model True"
+            f"{what}: load_best_model_at_end cannot reload the checkpoints of a model sharded at "
+            "load time; drop it (the best checkpoint stays in output_dir, `accel moe export` "
+            "turns it into a plain model)"
         )
-    resume = str(args.resume_from_checkpoint or "").strip().lower()
-    fresh = resume in ("false", "no", "0")
-    auto = resume in ("", "true", "yes", "1", "none")
-    found = sorted(Path(args.output_dir).glob("checkpoint-*")) if auto else []
-    if not fresh and (not auto or found):
-        where = args.resume_from_checkpoint if not auto else f"{found[-1]} (auto-resume)"
+    from .checkpoints import newest_checkpoint
+    from .sharded_checkpoint import MARKER, MODEL_DIR, has_layout
+
+    resume = str(args.resume_from_checkpoint or "").strip()
+    if resume.lower() in ("false", "no", "0"):
+        return
+    if resume.lower() in ("", "true", "yes", "1", "none"):
+        found = newest_checkpoint(args.output_dir, warn=False)
+        where = f"{found} (auto-resume)"
+    else:
+        found = resume if Path(resume).is_dir() else None  # other problems: resolve_resume
+        where = resume
+    if found and not has_layout(found):
         raise ConfigError(
-            f"{what}: cannot resume from {where}: transformers does not resume "
-            "Trainer checkpoints of a model sharded at load time; set resume_from_checkpoint "
-            "False to start fresh, or use accelerate's FSDP (`accelerate launch --config_file "
-            "fsdp.yaml`), which resumes from sharded checkpoints"
+            f"{what}: cannot resume from {where}: it was written by a run that was not sharded "
+            f"at load time (no {MODEL_DIR}/ and {MARKER}), whose optimizer state does not fit "
+            "sharded parameters; resume it with the kind of run that wrote it, or set "
+            "resume_from_checkpoint False to start fresh"
         )
 
 

@@ -83,12 +83,12 @@ class ScatterMoEPlugin(AccelerationPlugin):
                 "plugin loads the model); switch one of them off"
             )
         if ep > 1:
-            from accel.trainer.distributed import refuse_load_time_sharding_checkpoints
+            from accel.trainer.distributed import check_load_time_sharding_checkpoints
 
             from .parallel import check_sharded
 
             check_sharded(model, ep)
-            refuse_load_time_sharding_checkpoints(train_args, f"--fast_moe {ep}")
+            check_load_time_sharding_checkpoints(train_args, f"--fast_moe {ep}")
         wants_lora = self.settings.lora_experts or self.settings.lora_router
         if wants_lora and peft_config is None:
             raise ConfigError(
