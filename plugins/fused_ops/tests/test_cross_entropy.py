@@ -166,8 +166,8 @@ def test_triton_online_logsumexp_over_blocks(triton_device, block, softcap):
     logits, labels = make_inputs(torch.float32, n=9, device=triton_device)
     scale = torch.tensor(0.5, device=triton_device)
     g_tri, g_ref = torch.empty_like(logits), torch.empty_like(logits)
-    loss_tri = _ce_rows_triton(logits, labels, -100, softcap, scale, g_tri, block_size=block)
-    loss_ref = _ce_rows_torch(logits, labels, -100, softcap, scale, g_ref)
+    loss_tri = _ce_rows_triton(logits, labels, -100, softcap, scale, g_tri, block_size=block).loss
+    loss_ref = _ce_rows_torch(logits, labels, -100, softcap, scale, g_ref).loss
     torch.testing.assert_close(loss_tri, loss_ref, **FP32)
     torch.testing.assert_close(g_tri, g_ref, **FP32)
 
@@ -176,9 +176,9 @@ def test_triton_per_row_scale_and_bf16_inplace(triton_device):
     logits, labels = make_inputs(torch.bfloat16, n=9, device=triton_device)
     scale = torch.linspace(-1.0, 2.0, 9, device=triton_device)
     expected_grad = torch.empty_like(logits)
-    loss_ref = _ce_rows_torch(logits, labels, -100, None, scale, expected_grad)
+    loss_ref = _ce_rows_torch(logits, labels, -100, None, scale, expected_grad).loss
     buf = logits.clone()
-    loss_tri = _ce_rows_triton(buf, labels, -100, None, scale, buf, block_size=32)
+    loss_tri = _ce_rows_triton(buf, labels, -100, None, scale, buf, block_size=32).loss
     torch.testing.assert_close(loss_tri, loss_ref, **BF16_LOSS)
     torch.testing.assert_close(buf.float(), expected_grad.float(), **BF16_GRAD)
 
@@ -188,8 +188,8 @@ def test_torch_row_chunks_do_not_change_results(rows_per_chunk):
     logits, labels = make_inputs(torch.float32)
     scale = torch.tensor(1.0 / 30)
     g_chunked, g_whole = torch.empty_like(logits), torch.empty_like(logits)
-    a = _ce_rows_torch(logits, labels, -100, 3.0, scale, g_chunked, rows_per_chunk)
-    b = _ce_rows_torch(logits, labels, -100, 3.0, scale, g_whole, N)
+    a = _ce_rows_torch(logits, labels, -100, 3.0, scale, g_chunked, rows_per_chunk).loss
+    b = _ce_rows_torch(logits, labels, -100, 3.0, scale, g_whole, N).loss
     torch.testing.assert_close(a, b, **FP32)
     torch.testing.assert_close(g_chunked, g_whole, **FP32)
 
@@ -221,7 +221,7 @@ def test_triton_tanh_matches_torch(triton_device):
     # loss = lse(tanh(x)) - tanh(x[0]) = lse(tanh(x)): compare against the reference loss.
     labels = torch.zeros(1, dtype=torch.long, device=triton_device)
     grad = torch.empty_like(x)
-    loss = _ce_rows_triton(x, labels, -100, 1.0, torch.tensor(1.0), grad)
+    loss = _ce_rows_triton(x, labels, -100, 1.0, torch.tensor(1.0), grad).loss
     t = torch.tanh(x.double())
     ref_grad = (torch.softmax(t, 1) - F.one_hot(labels, x.shape[1])) * (1 - t * t)
     torch.testing.assert_close(loss.double(), torch.logsumexp(t, 1) - t[:, 0], rtol=1e-7, atol=0)

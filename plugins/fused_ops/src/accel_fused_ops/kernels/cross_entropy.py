@@ -22,6 +22,7 @@ cross-entropy.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import triton
@@ -29,7 +30,14 @@ import triton.language as tl
 
 from ..dispatch import choose_impl
 
-__all__ = ["REDUCTIONS", "cross_entropy", "cross_entropy_rows", "validate_loss_args"]
+__all__ = [
+    "REDUCTIONS",
+    "LossOutput",
+    "RowLosses",
+    "cross_entropy",
+    "cross_entropy_rows",
+    "validate_loss_args",
+]
 
 REDUCTIONS = ("mean", "sum", "none")
 
@@ -73,50 +81,100 @@ def _ce_rows_kernel(
     grad_row_stride,
     labels_ptr,
     loss_ptr,
+    z_ptr,
+    correct_ptr,
+    weight_ptr,
     scale_ptr,
     scale_stride,
+    z_scale_ptr,
+    z_scale_stride,
     n_cols,
     ignore_index,
     softcap,
+    label_smoothing,
+    lse_square_scale,
     HAS_SOFTCAP: tl.constexpr,
+    HAS_WEIGHT: tl.constexpr,
+    HAS_SMOOTHING: tl.constexpr,
+    HAS_Z_LOSS: tl.constexpr,
+    RETURN_CORRECT: tl.constexpr,
     COMPUTE_GRAD: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
-    """Loss of one row and, optionally, ``scale * d loss / d logits`` for that row.
+    """Loss terms of one row and, optionally, their scaled gradient for that row.
 
-    Everything is computed in fp32 whatever the logits' dtype; the gradient is cast on store.
-    ``grad_ptr`` may alias ``logits_ptr``: each element is read before it is overwritten.
+    Row loss ``(1 - eps) w[y] (lse - z[y]) + eps / V * sum_j w[j] (lse - z[j])`` (``w = 1``
+    without class weights) into ``loss_ptr``, ``s * lse^2`` into ``z_ptr`` (z-loss) and
+    ``argmax(z) == y`` into ``correct_ptr``. The gradient is ``scale`` times the first plus
+    ``z_scale`` times the second. Everything is computed in fp32 whatever the logits' dtype;
+    the gradient is cast on store. ``grad_ptr`` may alias ``logits_ptr``: each element is
+    read before it is overwritten.
     """
     row = tl.program_id(0).to(tl.int64)
     x_row = logits_ptr + row * logits_row_stride
     label = tl.load(labels_ptr + row).to(tl.int64)
     ignored = label == ignore_index
     in_range = (label >= 0) & (label < n_cols)
+    take = in_range & ~ignored
 
-    # Pass 1: online logsumexp over vocabulary blocks.
+    # Pass 1: online logsumexp over vocabulary blocks (+ sum_j w_j z_j, sum_j w_j, argmax).
     m = float("-inf")
     s = 0.0
+    sum_wz = 0.0
+    sum_w = 0.0
+    arg = 0
     for start in range(0, n_cols, BLOCK):
         cols = start + tl.arange(0, BLOCK)
         mask = cols < n_cols
         z = tl.load(x_row + cols, mask=mask, other=0.0).to(tl.float32)
         if HAS_SOFTCAP:
             z = softcap * _tanh(z / softcap)
+        if HAS_SMOOTHING:
+            if HAS_WEIGHT:
+                w = tl.load(weight_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+                sum_wz += tl.sum(w * z, axis=0)
+                sum_w += tl.sum(w, axis=0)
+            else:
+                sum_wz += tl.sum(tl.where(mask, z, 0.0), axis=0)
         z = tl.where(mask, z, float("-inf"))
-        m_new = tl.maximum(m, tl.max(z, axis=0))
+        block_max = tl.max(z, axis=0)
+        if RETURN_CORRECT:
+            # First index of the maximum, as torch.argmax returns.
+            block_arg = tl.min(tl.where(z == block_max, cols, n_cols), axis=0)
+            arg = tl.where(block_max > m, block_arg, arg)
+        m_new = tl.maximum(m, block_max)
         s = s * tl.exp(m - m_new) + tl.sum(tl.exp(z - m_new), axis=0)
         m = m_new
     lse = m + tl.log(s)
+    if not HAS_WEIGHT:
+        sum_w = n_cols * 1.0
 
-    z_label = tl.load(x_row + label, mask=in_range & ~ignored, other=0.0).to(tl.float32)
+    z_label = tl.load(x_row + label, mask=take, other=0.0).to(tl.float32)
     if HAS_SOFTCAP:
         z_label = softcap * _tanh(z_label / softcap)
-    loss = tl.where(ignored, 0.0, tl.where(in_range, lse - z_label, float("nan")))
+    w_label = 1.0
+    if HAS_WEIGHT:
+        w_label = tl.load(weight_ptr + label, mask=take, other=0.0).to(tl.float32)
+    keep = 1.0 - label_smoothing
+    loss = keep * w_label * (lse - z_label)
+    if HAS_SMOOTHING:
+        loss += label_smoothing / n_cols * (sum_w * lse - sum_wz)
+    loss = tl.where(ignored, 0.0, tl.where(in_range, loss, float("nan")))
     tl.store(loss_ptr + row, loss)
+    if HAS_Z_LOSS:
+        zl = tl.where(ignored, 0.0, tl.where(in_range, lse_square_scale * lse * lse, float("nan")))
+        tl.store(z_ptr + row, zl)
+    if RETURN_CORRECT:
+        tl.store(correct_ptr + row, (take & (arg == label)).to(tl.int8))
 
     if COMPUTE_GRAD:
-        # Pass 2: (softmax - onehot) * d softcap * scale, written in the gradient's dtype.
-        scale = tl.load(scale_ptr + row * scale_stride).to(tl.float32)
+        # Pass 2: c * softmax - g (1-eps) w_y onehot - g eps/V w, times d softcap, in the
+        # gradient's dtype, with c = g ((1-eps) w_y + eps/V sum_w) + 2 g_z s lse.
+        g_ce = tl.load(scale_ptr + row * scale_stride).to(tl.float32)
+        coef = g_ce * (keep * w_label + label_smoothing / n_cols * sum_w)
+        if HAS_Z_LOSS:
+            g_z = tl.load(z_scale_ptr + row * z_scale_stride).to(tl.float32)
+            coef += 2.0 * lse_square_scale * g_z * lse
         g_row = grad_ptr + row * grad_row_stride
         for start in range(0, n_cols, BLOCK):
             cols = start + tl.arange(0, BLOCK)
@@ -127,13 +185,49 @@ def _ce_rows_kernel(
                 z = softcap * t
             else:
                 z = x
-            g = tl.exp(z - lse) - tl.where(cols == label, 1.0, 0.0)
+            g = coef * tl.exp(z - lse) - tl.where(cols == label, g_ce * keep * w_label, 0.0)
+            if HAS_SMOOTHING:
+                if HAS_WEIGHT:
+                    w = tl.load(weight_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+                    g -= g_ce * label_smoothing / n_cols * w
+                else:
+                    g -= g_ce * label_smoothing / n_cols
             if HAS_SOFTCAP:
                 g = g * (1.0 - t * t)
             # Ignored rows get exact zeros even when scale is inf (mean over zero tokens);
             # rows with an out-of-range label get NaN like their loss.
-            g = tl.where(ignored, 0.0, tl.where(in_range, g * scale, float("nan")))
+            g = tl.where(ignored, 0.0, tl.where(in_range, g, float("nan")))
             tl.store(g_row + cols, g.to(grad_ptr.dtype.element_ty), mask=mask)
+
+
+class RowLosses(NamedTuple):
+    """Per-row results of :func:`cross_entropy_rows` (fp32, 0 for ignored rows)."""
+
+    #: ``(1 - eps) w[y] (lse - z[y]) + eps / V * sum_j w[j] (lse - z[j])`` per row
+    loss: torch.Tensor
+    #: ``lse_square_scale * lse^2`` per row, when asked for (``want_z``)
+    z_loss: torch.Tensor | None = None
+    #: ``argmax(logits) == label`` per row (bool), when asked for (``want_correct``)
+    correct: torch.Tensor | None = None
+
+
+@dataclass(frozen=True)
+class RowOptions:
+    """What the loss of one row is made of; shared by both paths and the linear variant."""
+
+    ignore_index: int = -100
+    softcap: float | None = None
+    label_smoothing: float = 0.0
+    lse_square_scale: float = 0.0
+    want_z: bool = False
+    want_correct: bool = False
+
+
+def _scale_arg(scale: torch.Tensor | None, device: torch.device, fallback: torch.Tensor):
+    if scale is None:
+        return fallback, 0
+    scale = scale.to(device=device, dtype=torch.float32).contiguous()
+    return scale, 1 if scale.dim() == 1 else 0
 
 
 def _ce_rows_triton(
@@ -144,18 +238,31 @@ def _ce_rows_triton(
     grad_scale: torch.Tensor | None,
     grad_out: torch.Tensor | None,
     block_size: int | None = None,
-) -> torch.Tensor:
+    *,
+    weight: torch.Tensor | None = None,
+    label_smoothing: float = 0.0,
+    lse_square_scale: float = 0.0,
+    z_grad_scale: torch.Tensor | None = None,
+    want_z: bool = False,
+    want_correct: bool = False,
+) -> RowLosses:
     n_rows, n_cols = logits.shape
-    loss = torch.empty(n_rows, dtype=torch.float32, device=logits.device)
+    device = logits.device
+    loss = torch.empty(n_rows, dtype=torch.float32, device=device)
+    has_z = lse_square_scale != 0.0
+    z_rows = torch.empty_like(loss) if has_z else None
+    correct = torch.empty(n_rows, dtype=torch.int8, device=device) if want_correct else None
     if n_rows == 0:
-        return loss
+        return _row_losses(loss, z_rows, correct, want_z)
     block = block_size or min(triton.next_power_of_2(n_cols), _MAX_BLOCK)
     compute_grad = grad_out is not None
-    scale = (
-        grad_scale.to(device=logits.device, dtype=torch.float32).contiguous()
-        if (compute_grad)
-        else loss
+    scale, scale_stride = _scale_arg(grad_scale if compute_grad else None, device, loss)
+    z_scale, z_stride = _scale_arg(
+        (z_grad_scale if z_grad_scale is not None else grad_scale) if compute_grad else None,
+        device,
+        loss,
     )
+    w = weight.to(device=device, dtype=torch.float32).contiguous() if weight is not None else loss
     _ce_rows_kernel[(n_rows,)](
         logits,
         logits.stride(0),
@@ -163,12 +270,23 @@ def _ce_rows_triton(
         grad_out.stride(0) if compute_grad else 0,
         labels,
         loss,
+        z_rows if has_z else loss,
+        correct if want_correct else loss,
+        w,
         scale,
-        1 if scale.dim() == 1 else 0,
+        scale_stride,
+        z_scale,
+        z_stride,
         n_cols,
         ignore_index,
         float(softcap) if softcap is not None else 1.0,
+        float(label_smoothing),
+        float(lse_square_scale),
         HAS_SOFTCAP=softcap is not None,
+        HAS_WEIGHT=weight is not None,
+        HAS_SMOOTHING=label_smoothing != 0.0,
+        HAS_Z_LOSS=has_z,
+        RETURN_CORRECT=want_correct,
         COMPUTE_GRAD=compute_grad,
         BLOCK=block,
         num_warps=8 if block >= 2048 else 4,
@@ -177,7 +295,13 @@ def _ce_rows_triton(
         # The kernel wrote through a raw pointer; tell autograd so misuse of an aliased
         # buffer is reported instead of silently reading gradients as logits.
         torch.autograd.graph.increment_version(grad_out)
-    return loss
+    return _row_losses(loss, z_rows, correct, want_z)
+
+
+def _row_losses(loss, z_rows, correct, want_z) -> RowLosses:
+    if want_z and z_rows is None:
+        z_rows = torch.zeros_like(loss)
+    return RowLosses(loss, z_rows, correct.bool() if correct is not None else None)
 
 
 # --------------------------------------------------------------------------------------------
@@ -193,46 +317,109 @@ def _ce_rows_torch(
     grad_scale: torch.Tensor | None,
     grad_out: torch.Tensor | None,
     rows_per_chunk: int | None = None,
-) -> torch.Tensor:
+    *,
+    weight: torch.Tensor | None = None,
+    label_smoothing: float = 0.0,
+    lse_square_scale: float = 0.0,
+    z_grad_scale: torch.Tensor | None = None,
+    want_z: bool = False,
+    want_correct: bool = False,
+) -> RowLosses:
+    """Row chunks, each in as few passes over the ``(rows, V)`` block as the options allow.
+
+    For fp32 logits without soft-cap the gradient is built in ``grad_out`` itself (exp of the
+    shifted logits, then one scaling pass); otherwise one fp32 scratch block is reused by
+    every chunk, so no vocabulary-sized buffer is allocated per chunk.
+    """
     n_rows, n_cols = logits.shape
-    compute_dtype = torch.promote_types(logits.dtype, torch.float32)
-    loss = torch.empty(n_rows, dtype=compute_dtype, device=logits.device)
+    device = logits.device
+    cdt = torch.promote_types(logits.dtype, torch.float32)
+    loss = torch.empty(n_rows, dtype=cdt, device=device)
+    has_z = lse_square_scale != 0.0
+    z_rows = torch.empty_like(loss) if has_z else None
+    correct = torch.empty(n_rows, dtype=torch.bool, device=device) if want_correct else None
+    eps = float(label_smoothing)
+    w = weight.to(device=device, dtype=cdt) if weight is not None else None
+    w_sum = w.sum() if w is not None else float(n_cols)
     step = rows_per_chunk or max(1, _TORCH_CHUNK_ELEMENTS // max(n_cols, 1))
+    step = min(step, max(n_rows, 1))
+    direct = grad_out is not None and grad_out.dtype == cdt
+    scratch = None
     for start in range(0, n_rows, step):
         end = min(start + step, n_rows)
         # .to() may return a view of logits (fp32 input), which may also be grad_out: logits
-        # are only read until log_softmax has produced its own buffer, written last.
-        z = logits[start:end].to(compute_dtype)
+        # are read by every reduction below before the exp pass overwrites them.
+        z = logits[start:end].to(cdt)
         t = None
         if softcap is not None:
             t = torch.tanh(z / softcap)
             z = t * softcap
-        log_p = torch.log_softmax(z, dim=1)
-        del z
         lab = labels[start:end]
         ignored = lab == ignore_index
-        safe = torch.where(ignored, torch.zeros_like(lab), lab).unsqueeze(1)
-        nll = log_p.gather(1, safe).squeeze(1).neg_()
-        loss[start:end] = torch.where(ignored, torch.zeros_like(nll), nll)
+        in_range = (lab >= 0) & (lab < n_cols)
+        take = in_range & ~ignored
+        safe = torch.where(take, lab, torch.zeros_like(lab)).unsqueeze(1)
+        z_label = z.gather(1, safe).squeeze(1)
+        m = z.amax(1, keepdim=True)
+        sum_wz = None
+        if eps:
+            sum_wz = z @ w if w is not None else z.sum(1)
+        if correct is not None:
+            correct[start:end] = take & (z.argmax(1) == lab)
+        if direct:
+            buf = grad_out[start:end]
+        else:
+            if scratch is None:
+                scratch = torch.empty(step, n_cols, dtype=cdt, device=device)
+            buf = scratch[: end - start]
+        torch.sub(z, m, out=buf)
+        buf.exp_()
+        s = buf.sum(1)
+        lse = m.squeeze(1) + s.log()
+        w_label = w[safe.squeeze(1)] if w is not None else 1.0
+        row = (1.0 - eps) * w_label * (lse - z_label)
+        if eps:
+            row = row + eps / n_cols * (w_sum * lse - sum_wz)
+        nan = torch.full_like(row, float("nan"))
+        zero = torch.zeros_like(row)
+        loss[start:end] = torch.where(ignored, zero, torch.where(in_range, row, nan))
+        if has_z:
+            zl = lse_square_scale * lse * lse
+            z_rows[start:end] = torch.where(ignored, zero, torch.where(in_range, zl, nan))
         if grad_out is None:
             continue
-        g = log_p.exp_()  # softmax, in place
-        g.scatter_add_(1, safe, torch.full_like(nll, -1.0).unsqueeze(1))
+        g_ce = grad_scale[start:end] if grad_scale.dim() == 1 else grad_scale.expand(end - start)
+        # Ignored rows: exact zeros even for an inf scale; out-of-range labels: NaN rows.
+        g_ce = torch.where(ignored, zero, torch.where(in_range, g_ce.to(cdt), nan))
+        coef = g_ce * ((1.0 - eps) * w_label + eps / n_cols * w_sum)
+        if has_z:
+            zs = z_grad_scale if z_grad_scale is not None else grad_scale
+            g_z = zs[start:end] if zs.dim() == 1 else zs.expand(end - start)
+            g_z = torch.where(ignored, zero, g_z.to(cdt))
+            coef = coef + 2.0 * lse_square_scale * g_z * lse
+        buf.mul_((coef / s).unsqueeze(1))  # coef * softmax
+        if eps:
+            if w is None:
+                buf.sub_((g_ce * (eps / n_cols)).unsqueeze(1))
+            else:
+                buf.addcmul_(g_ce.unsqueeze(1), w.unsqueeze(0), value=-eps / n_cols)
+        buf.scatter_add_(1, safe, (-(1.0 - eps) * g_ce * w_label).unsqueeze(1))
         if t is not None:
-            g.mul_(t.square_().neg_().add_(1.0))  # d softcap(x) / dx = 1 - tanh^2
-        scale = grad_scale[start:end] if grad_scale.dim() == 1 else grad_scale
-        row_scale = torch.where(ignored, torch.zeros_like(nll), scale.to(compute_dtype))
-        g.mul_(row_scale.unsqueeze(1))
-        grad_out[start:end].copy_(g)
-    return loss
+            buf.mul_(t.square_().neg_().add_(1.0))  # d softcap(x) / dx = 1 - tanh^2
+        if not direct:
+            grad_out[start:end].copy_(buf)
+    return _row_losses(loss, z_rows, correct, want_z)
 
 
 def check_label_range(labels: torch.Tensor, n_classes: int, ignore_index: int) -> None:
     """Raise for labels outside ``[0, n_classes)`` that are not ``ignore_index``.
 
     One reduction and a host sync, on both paths, so a bad label fails the same way
-    everywhere (the Triton kernel alone would give NaN losses for such rows).
+    everywhere. Skipped while ``torch.compile`` traces (a host sync is a graph break): the
+    rows of such labels then get a NaN loss and NaN gradients, on both paths.
     """
+    if torch.compiler.is_compiling():
+        return
     bad = (labels != ignore_index) & ((labels < 0) | (labels >= n_classes))
     if bool(bad.any()):
         value = int(labels[bad][0])
@@ -251,20 +438,35 @@ def cross_entropy_rows(
     softcap: float | None = None,
     grad_scale: torch.Tensor | None = None,
     grad_out: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """Per-row losses, and optionally their gradient, with no autograd involved.
+    weight: torch.Tensor | None = None,
+    label_smoothing: float = 0.0,
+    lse_square_scale: float = 0.0,
+    z_grad_scale: torch.Tensor | None = None,
+    want_z: bool = False,
+    want_correct: bool = False,
+) -> RowLosses:
+    """Per-row loss terms, and optionally their gradient, with no autograd involved.
 
-    Returns the ``(N,)`` losses in fp32 (0 for ignored rows). When ``grad_out`` (an ``(N, V)``
+    Returns :class:`RowLosses` in fp32 (0 for ignored rows). When ``grad_out`` (an ``(N, V)``
     buffer, last dim contiguous, possibly ``logits`` itself) is given, writes
-    ``grad_scale[i] * d loss_i / d logits[i]`` into it in its dtype; ``grad_scale`` is a 0-dim
-    or ``(N,)`` tensor. ``impl`` is ``"triton"`` or ``"torch"``.
+    ``grad_scale[i] * d loss_i / d logits[i] + z_grad_scale[i] * d z_loss_i / d logits[i]``
+    into it in its dtype; the scales are 0-dim or ``(N,)`` tensors (``z_grad_scale`` defaults
+    to ``grad_scale``). ``impl`` is ``"triton"`` or ``"torch"``.
     """
     if grad_out is not None and grad_scale is None:
         raise ValueError("cross_entropy_rows: grad_scale is required when grad_out is given")
+    extra = {
+        "weight": weight,
+        "label_smoothing": label_smoothing,
+        "lse_square_scale": lse_square_scale,
+        "z_grad_scale": z_grad_scale,
+        "want_z": want_z,
+        "want_correct": want_correct,
+    }
     if impl == "triton":
-        return _ce_rows_triton(logits, labels, ignore_index, softcap, grad_scale, grad_out)
+        return _ce_rows_triton(logits, labels, ignore_index, softcap, grad_scale, grad_out, **extra)
     if impl == "torch":
-        return _ce_rows_torch(logits, labels, ignore_index, softcap, grad_scale, grad_out)
+        return _ce_rows_torch(logits, labels, ignore_index, softcap, grad_scale, grad_out, **extra)
     raise ValueError(f"impl={impl!r} is not valid; expected 'triton' or 'torch'")
 
 
@@ -280,6 +482,10 @@ def validate_loss_args(
     reduction: str,
     softcap: float | None,
     num_items_in_batch: int | torch.Tensor | None,
+    n_classes: int | None = None,
+    weight: torch.Tensor | None = None,
+    label_smoothing: float = 0.0,
+    lse_square_scale: float = 0.0,
 ) -> None:
     """Reject bad loss options with a message naming the argument and the fix."""
     if reduction not in REDUCTIONS:
@@ -293,6 +499,22 @@ def validate_loss_args(
         raise TypeError(f"labels must be an integer tensor (class indices), got {labels.dtype}")
     if softcap is not None and not softcap > 0:
         raise ValueError(f"softcap must be a positive number or None, got {softcap!r}")
+    if isinstance(label_smoothing, bool) or not isinstance(label_smoothing, int | float):
+        raise TypeError(f"label_smoothing must be a float, got {type(label_smoothing).__name__}")
+    if not 0.0 <= label_smoothing <= 1.0:
+        raise ValueError(f"label_smoothing must be in [0, 1], got {label_smoothing!r}")
+    if isinstance(lse_square_scale, bool) or not isinstance(lse_square_scale, int | float):
+        raise TypeError(f"lse_square_scale must be a float, got {type(lse_square_scale).__name__}")
+    if not lse_square_scale >= 0.0:
+        raise ValueError(f"lse_square_scale must be >= 0, got {lse_square_scale!r}")
+    if weight is not None:
+        if not isinstance(weight, torch.Tensor) or not weight.dtype.is_floating_point:
+            raise TypeError("weight must be a floating-point tensor of one weight per class")
+        if weight.dim() != 1 or (n_classes is not None and weight.shape[0] != n_classes):
+            raise ValueError(
+                f"weight must have shape ({n_classes},), one weight per class, got "
+                f"{tuple(weight.shape)}"
+            )
     if num_items_in_batch is None:
         return
     if reduction == "none":
@@ -320,12 +542,14 @@ def loss_scale(
     ignore_index: int,
     reduction: str,
     num_items_in_batch: int | torch.Tensor | None,
+    weight: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The fp32 0-dim factor turning the sum of row losses into the requested loss.
 
     ``1 / num_items_in_batch`` when given (transformers' gradient-accumulation normalisation),
-    else ``1 / (number of non-ignored labels)`` for ``"mean"`` (inf when there are none, so the
-    loss is NaN like torch's) and 1 otherwise. Computed on the device: no host sync.
+    else for ``"mean"`` ``1 / (number of non-ignored labels)``, or ``1 / sum of their class
+    weights`` with ``weight`` (as torch's ``cross_entropy``; inf when there are none, so the
+    loss is NaN like torch's), and 1 otherwise. Computed on the device: no host sync.
     """
     device = labels.device
     if num_items_in_batch is not None:
@@ -333,8 +557,52 @@ def loss_scale(
             return 1.0 / num_items_in_batch.detach().to(device, torch.float32).reshape(())
         return torch.tensor(1.0 / num_items_in_batch, dtype=torch.float32, device=device)
     if reduction == "mean":
-        return 1.0 / (labels != ignore_index).sum().to(torch.float32)
+        valid = labels != ignore_index
+        if weight is None:
+            return 1.0 / valid.sum().to(torch.float32)
+        safe = torch.where(valid, labels, torch.zeros_like(labels))
+        w = weight.detach().to(device, torch.float32)[safe]
+        return 1.0 / torch.where(valid, w, torch.zeros_like(w)).sum()
     return torch.ones((), dtype=torch.float32, device=device)
+
+
+def token_accuracy(correct: torch.Tensor, labels: torch.Tensor, ignore_index: int) -> torch.Tensor:
+    """Fraction of non-ignored rows whose top-scoring class is the label (NaN if none)."""
+    valid = (labels != ignore_index).sum().to(torch.float32)
+    return correct.sum().to(torch.float32) / valid
+
+
+class LossOutput(NamedTuple):
+    """The loss with its logging companions, returned when one of them is asked for."""
+
+    #: the differentiable loss, z-loss term included
+    loss: torch.Tensor
+    #: the z-loss term (``lse_square_scale * lse^2``, reduced like the loss), detached
+    z_loss: torch.Tensor | None
+    #: fraction of non-ignored tokens whose argmax is the label, detached
+    token_accuracy: torch.Tensor | None
+
+
+def reduce_rows(
+    rows: RowLosses,
+    labels: torch.Tensor,
+    scale: torch.Tensor,
+    z_scale: torch.Tensor,
+    reduction: str,
+    ignore_index: int,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """Loss (z-loss included), z-loss and token accuracy from the per-row terms."""
+    z = rows.z_loss
+    if reduction == "none":
+        loss = rows.loss if z is None else rows.loss + z
+        acc = rows.correct.to(torch.float32) if rows.correct is not None else None
+        return loss, z, acc
+    loss = rows.loss.sum() * scale
+    if z is not None:
+        z = z.sum() * z_scale
+        loss = loss + z
+    acc = token_accuracy(rows.correct, labels, ignore_index) if rows.correct is not None else None
+    return loss, z, acc
 
 
 # --------------------------------------------------------------------------------------------
@@ -345,8 +613,7 @@ def loss_scale(
 @dataclass(frozen=True)
 class _Options:
     impl: str
-    ignore_index: int
-    softcap: float | None
+    rows: RowOptions
     reduction: str
     inplace_backward: bool
 
@@ -355,27 +622,38 @@ class _CrossEntropyFunction(torch.autograd.Function):
     """Gradient computed in forward, scaled by ``grad_output`` in backward."""
 
     @staticmethod
-    def forward(ctx, logits, labels, scale, opts: _Options):  # type: ignore[override]
+    def forward(ctx, logits, labels, scale, z_scale, weight, opts: _Options):  # type: ignore[override]
         grad = None
         if ctx.needs_input_grad[0]:
             grad = logits if opts.inplace_backward else torch.empty_like(logits)
         per_row = opts.reduction == "none"
-        loss_rows = cross_entropy_rows(
+        ro = opts.rows
+        rows = cross_entropy_rows(
             logits,
             labels,
             impl=opts.impl,
-            ignore_index=opts.ignore_index,
-            softcap=opts.softcap,
+            ignore_index=ro.ignore_index,
+            softcap=ro.softcap,
             grad_scale=torch.ones_like(scale) if per_row else scale,
+            z_grad_scale=torch.ones_like(z_scale) if per_row else z_scale,
             grad_out=grad,
+            weight=weight,
+            label_smoothing=ro.label_smoothing,
+            lse_square_scale=ro.lse_square_scale,
+            want_z=ro.want_z,
+            want_correct=ro.want_correct,
         )
+        loss, z, acc = reduce_rows(rows, labels, scale, z_scale, opts.reduction, ro.ignore_index)
         ctx.per_row = per_row
         ctx.consumed = False
         ctx.save_for_backward(grad)
-        return loss_rows if per_row else loss_rows.sum() * scale
+        extras = [t for t in (z, acc) if t is not None]
+        if extras:
+            ctx.mark_non_differentiable(*extras)
+        return loss, z, acc
 
     @staticmethod
-    def backward(ctx, grad_loss):  # type: ignore[override]
+    def backward(ctx, grad_loss, _grad_z, _grad_acc):  # type: ignore[override]
         if ctx.consumed:
             raise RuntimeError(
                 "cross_entropy's backward scales its stored gradient in place and can run "
@@ -385,9 +663,19 @@ class _CrossEntropyFunction(torch.autograd.Function):
         ctx.consumed = True
         (grad,) = ctx.saved_tensors
         if grad is None:
-            return None, None, None, None
+            return None, None, None, None, None, None
         grad.mul_(grad_loss.unsqueeze(1) if ctx.per_row else grad_loss)
-        return grad, None, None, None
+        return grad, None, None, None, None, None
+
+
+def z_loss_scale(
+    labels: torch.Tensor,
+    ignore_index: int,
+    reduction: str,
+    num_items_in_batch: int | torch.Tensor | None,
+) -> torch.Tensor:
+    """The z-loss's normaliser: per token, never per class weight (as Liger's)."""
+    return loss_scale(labels, ignore_index, reduction, num_items_in_batch)
 
 
 def cross_entropy(
@@ -398,8 +686,13 @@ def cross_entropy(
     reduction: str = "mean",
     num_items_in_batch: int | torch.Tensor | None = None,
     softcap: float | None = None,
+    label_smoothing: float = 0.0,
+    weight: torch.Tensor | None = None,
+    lse_square_scale: float = 0.0,
+    return_z_loss: bool = False,
+    return_token_accuracy: bool = False,
     inplace_backward: bool = False,
-) -> torch.Tensor:
+) -> torch.Tensor | LossOutput:
     """``F.cross_entropy(logits.float(), labels)`` without the fp32 copies of the logits.
 
     Args:
@@ -412,6 +705,13 @@ def cross_entropy(
             not allowed with ``reduction="none"``.
         softcap: when given, scores are first mapped to ``softcap * tanh(logits / softcap)``
             (Gemma-2 style final-logit soft-capping), inside the kernel.
+        label_smoothing, weight: as ``torch.nn.functional.cross_entropy``'s (the mean divides
+            by the sum of the labels' class weights).
+        lse_square_scale: z-loss ``lse_square_scale * logsumexp(logits)^2`` added per
+            non-ignored row (PaLM), normalised per token (mean, sum or ``num_items_in_batch``).
+        return_z_loss, return_token_accuracy: return a :class:`LossOutput` with the z-loss
+            term and/or the fraction of non-ignored rows whose argmax is the label, both
+            computed in the same pass and detached, for logging.
         inplace_backward: write the gradient into ``logits``' own storage during forward,
             saving one ``(N, V)`` buffer. Only when nothing reads ``logits`` afterwards: not
             returned to the caller, not saved by another autograd node (the output of a plain
@@ -419,11 +719,13 @@ def cross_entropy(
             tensor yourself gives gradients, not logits.
 
     Returns:
-        The fp32 loss (0-dim, or ``(N,)`` for ``"none"``), like transformers' upcast loss.
+        The fp32 loss (0-dim, or ``(N,)`` for ``"none"``), like transformers' upcast loss, or
+        a :class:`LossOutput` when ``return_z_loss`` or ``return_token_accuracy`` is set.
 
     Backward scales the stored gradient in place, so it can run only once per forward.
-    Out-of-range labels raise ``ValueError`` on both paths. Under ``torch.no_grad()`` only the
-    loss is computed (no gradient buffer, ``inplace_backward`` leaves ``logits`` untouched).
+    Out-of-range labels raise ``ValueError`` on both paths (NaN rows under
+    ``torch.compile``, which cannot host-sync). Under ``torch.no_grad()`` only the loss is
+    computed (no gradient buffer, ``inplace_backward`` leaves ``logits`` untouched).
     """
     if not isinstance(logits, torch.Tensor) or logits.dim() != 2:
         raise ValueError(
@@ -438,6 +740,10 @@ def cross_entropy(
         reduction=reduction,
         softcap=softcap,
         num_items_in_batch=num_items_in_batch,
+        n_classes=logits.shape[1],
+        weight=weight,
+        label_smoothing=label_smoothing,
+        lse_square_scale=lse_square_scale,
     )
     labels = labels.to(logits.device)
     if logits.stride(-1) != 1:
@@ -448,6 +754,20 @@ def cross_entropy(
         # Inside the autograd Function needs_input_grad ignores grad mode: detach so an eval
         # step under no_grad computes the loss only, not the gradient buffer.
         logits = logits.detach()
-    scale = loss_scale(labels, ignore_index, reduction, num_items_in_batch)
-    opts = _Options(impl, int(ignore_index), softcap, reduction, bool(inplace_backward))
-    return _CrossEntropyFunction.apply(logits, labels, scale, opts)
+    if weight is not None:
+        weight = weight.detach().to(logits.device)
+    scale = loss_scale(labels, ignore_index, reduction, num_items_in_batch, weight)
+    z_scale = z_loss_scale(labels, ignore_index, reduction, num_items_in_batch)
+    rows = RowOptions(
+        int(ignore_index),
+        softcap,
+        float(label_smoothing),
+        float(lse_square_scale),
+        want_z=bool(return_z_loss),
+        want_correct=bool(return_token_accuracy),
+    )
+    opts = _Options(impl, rows, reduction, bool(inplace_backward))
+    loss, z, acc = _CrossEntropyFunction.apply(logits, labels, scale, z_scale, weight, opts)
+    if return_z_loss or return_token_accuracy:
+        return LossOutput(loss, z, acc)
+    return loss
