@@ -22,6 +22,7 @@ COMMANDS = {
     "quantize": "quantize a local model to a GPTQ checkpoint (plugin package accel-peft)",
     "export": "export trained adapters: `accel export merged <adapter_dir> <output_dir>`",
     "plot": "plot a run: `accel plot odm <output_dir>` draws the online-mixing weights as a PNG",
+    "bench": "run a fine-tuning experiment matrix from a scenario YAML (see docs/bench.md)",
 }
 
 
@@ -77,6 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     arguments.add_argument("config", help="a sample name from `accel configs` or a YAML file path")
     sub.add_parser("train", help=COMMANDS["train"], add_help=False)
+    from .bench import add_parser as add_bench
     from .export import add_parser as add_export
     from .plot import add_parser as add_plot
     from .quantize import add_parser as add_quantize
@@ -84,6 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_quantize(sub, COMMANDS["quantize"])
     add_export(sub, COMMANDS["export"])
     add_plot(sub, COMMANDS["plot"])
+    add_bench(sub, COMMANDS["bench"])
     return parser
 
 
@@ -127,6 +130,10 @@ def _run(command: str | None, args: object) -> int:
             from .export import run_export
 
             return run_export(args)
+        if command == "bench":
+            from .bench import run_bench
+
+            return run_bench(args)
         if command == "plot":
             from .plot import run_plot
 
