@@ -23,6 +23,7 @@ COMMANDS = {
     "export": "export trained adapters: `accel export merged <adapter_dir> <output_dir>`",
     "plot": "plot a run: `accel plot odm <output_dir>` draws the online-mixing weights as a PNG",
     "bench": "run a fine-tuning experiment matrix from a scenario YAML (see docs/bench.md)",
+    "moe": "MoE tools: `accel moe export <checkpoint> <output_dir>` (sharded checkpoint -> HF)",
 }
 
 
@@ -80,6 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("train", help=COMMANDS["train"], add_help=False)
     from .bench import add_parser as add_bench
     from .export import add_parser as add_export
+    from .moe import add_parser as add_moe
     from .plot import add_parser as add_plot
     from .quantize import add_parser as add_quantize
 
@@ -87,6 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_export(sub, COMMANDS["export"])
     add_plot(sub, COMMANDS["plot"])
     add_bench(sub, COMMANDS["bench"])
+    add_moe(sub, COMMANDS["moe"])
     return parser
 
 
@@ -138,6 +141,10 @@ def _run(command: str | None, args: object) -> int:
             from .plot import run_plot
 
             return run_plot(args)
+        if command == "moe":
+            from .moe import run_moe
+
+            return run_moe(args)
         from .configs import run_arguments, run_configs
 
         return run_configs(args) if command == "configs" else run_arguments(args)

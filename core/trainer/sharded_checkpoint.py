@@ -28,6 +28,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -134,7 +135,9 @@ def read_full_state(folder: str | Path) -> dict[str, Any]:
         for key, meta in metadata.state_dict_metadata.items()
         if isinstance(meta, TensorStorageMetadata) and key.startswith("model.")
     }
-    dcp.load(state, storage_reader=reader, no_dist=True)
+    with warnings.catch_warnings():  # one process on purpose: DCP's warning says so
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.load(state, storage_reader=reader, no_dist=True)
     return {key.removeprefix("model."): value for key, value in state.items()}
 
 
@@ -154,7 +157,6 @@ def export_checkpoint(checkpoint: str | Path, output: str | Path) -> str:
 
     state = read_full_state(source)
     config = AutoConfig.from_pretrained(source)
-    config.distributed_config = None  # the exported model is whole, for one process
     floats = [t.dtype for t in state.values() if t.is_floating_point()]
     dtype = max(set(floats), key=floats.count) if floats else torch.float32
     model = AutoModelForCausalLM.from_config(config, dtype=dtype)
