@@ -161,4 +161,35 @@ def load_gptq(name_or_path: str, model_kwargs: dict[str, Any]) -> Any:
     with warnings.catch_warnings():
         # passing a GPTQConfig only to choose the backend is what transformers' warning means
         warnings.filterwarnings("ignore", message="You passed `quantization_config`")
-        return AutoModelForCausalLM.from_pretrained(name_or_path, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(name_or_path, **kwargs)
+    packed_as_parameters(model)
+    return model
+
+
+#: the tensors of a gptqmodel GPTQ linear that hold the weight (``wf_unsqueeze_*``, a few
+#: shift constants, stay buffers)
+GPTQ_PACKED = ("qweight", "qzeros", "scales", "g_idx", "bias")
+
+
+def packed_as_parameters(model: Any) -> int:
+    """Re-register every GPTQ linear's packed weight tensors (int32 codes and zero points, fp16
+    scales, group index, bias) as frozen parameters instead of buffers, so FSDP2's
+    ``fully_shard`` shards them with the layer (it shards parameters and replicates buffers;
+    its all-gather takes mixed dtypes as bytes). The state dict and the kernels' attribute
+    access are unchanged. Returns the number of tensors moved."""
+    from torch import nn
+
+    from .adapters import is_quantized_linear
+
+    moved = 0
+    for module in model.modules():
+        if not (is_quantized_linear(module) and type(module).__module__.startswith("gptqmodel")):
+            continue
+        for name in GPTQ_PACKED:
+            tensor = module._buffers.get(name)
+            if tensor is None or name in module._non_persistent_buffers_set:
+                continue
+            del module._buffers[name]
+            module.register_parameter(name, nn.Parameter(tensor, requires_grad=False))
+            moved += 1
+    return moved
