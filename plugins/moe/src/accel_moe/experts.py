@@ -16,6 +16,7 @@ import torch
 
 from . import IMPLEMENTATION
 from .kernels.scatter_gemm import Routing, scattered_linear
+from .lora import lora_folded
 
 
 def scattermoe_experts_forward(
@@ -33,7 +34,8 @@ def scattermoe_experts_forward(
     transposed = self.is_transposed
     plain = not (self.has_bias or self.has_post_expert_norm)
 
-    up = self.gate_up_proj if self.has_gate else self.up_proj
+    up = lora_folded(self, "gate_up_proj" if self.has_gate else "up_proj")
+    down = lora_folded(self, "down_proj")  # the local LoRA factors folded in under EP
     h = scattered_linear(hidden_states, up, routing, gather=routing.tokens, transposed=transposed)
     if self.has_bias:
         bias = self.gate_up_proj_bias if self.has_gate else self.up_proj_bias
@@ -43,10 +45,10 @@ def scattermoe_experts_forward(
     slots = num_tokens * top_k
     if plain:  # the scatter back to token-expert slots is part of the GEMM
         y = scattered_linear(
-            h, self.down_proj, routing, scatter=routing.slots, out_rows=slots, transposed=transposed
+            h, down, routing, scatter=routing.slots, out_rows=slots, transposed=transposed
         )
     else:  # bias / post-expert norm act on the sorted rows before the scatter
-        y = scattered_linear(h, self.down_proj, routing, transposed=transposed)
+        y = scattered_linear(h, down, routing, transposed=transposed)
         if self.has_bias:
             y = y + self.down_proj_bias[routing.experts]
         if self.has_post_expert_norm:

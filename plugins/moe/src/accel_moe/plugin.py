@@ -96,15 +96,15 @@ class ScatterMoEPlugin(AccelerationPlugin):
                 "target_modules for the attention layers)"
             )
         if peft_config is not None and wants_lora:
-            if ep > 1:
-                raise ConfigError(
-                    f"LoRA on experts or router with --fast_moe {ep} (expert parallelism) is not "
-                    "supported yet; set lora_experts/lora_router false (attention LoRA works), or "
-                    "train without expert parallelism (--fast_moe True)"
-                )
             peft_config = add_moe_targets(
                 model, peft_config, self.settings.lora_experts, self.settings.lora_router
             )
+            if ep > 1 and self.settings.lora_experts:
+                # the expert factors are sharded like the experts once PEFT made them, so the
+                # adapters are applied here (the router's stay replicated, like attention's)
+                from .lora import peft_model_with_sharded_experts
+
+                model, peft_config = peft_model_with_sharded_experts(model, peft_config), None
         return model, peft_config
 
     @hook

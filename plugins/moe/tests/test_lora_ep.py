@@ -1,0 +1,141 @@
+"""LoRA on attention, experts and router under ``--fast_moe 2`` (2 gloo processes under
+torchrun: transformers' EP 2 with FSDP 2) against one process at the same global batch: the
+same losses and Trainer grad norms; the expert factors sharded like the experts (half of every
+factor per process), the router and attention factors replicated; every factor, gathered, the
+same on both processes and equal to the single run's (the router's only if its gradient was
+reduced across processes); base weights untouched; the saved adapter is a vanilla PEFT adapter
+that loads on the plain HF model in one process and gives the single run's logits."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from dist_helpers import WORKER, failure, records, saved_weights, torchrun, write_args
+from dist_worker import recording_train
+
+PORT = 29780
+
+LORA = {"peft_method": "lora", "lora_dropout": 0.0, "target_modules": ["q_proj", "v_proj"],
+        "max_steps": 3}  # fmt: skip
+
+
+def _moe(ep_degree):
+    moe = {"ep_degree": ep_degree, "lora_experts": True, "lora_router": True}
+    return {"plugins": {"training": {"moe": {"scattermoe": moe}}}}
+
+
+@pytest.fixture(scope="module")
+def lora_runs(moe_run_dir, tmp_path_factory):
+    from moe_models import save_moe_model
+
+    import accel
+    from accel.testing import cipher_run_args
+    from accel.trainer.trainer import AccelTrainer
+
+    root = tmp_path_factory.mktemp("lora-ep")
+    # without the auxiliary loss, which each process computes over its own tokens (see
+    # test_expert_parallel.py), so the two runs can be compared to fp32 rounding
+    save_moe_model(root / "model", "mixtral", output_router_logits=False)
+    base = {**cipher_run_args(root / "model", moe_run_dir / "train.jsonl", learning_rate=1e-2)}
+    ep = {**base, **LORA, **_moe(2), "per_device_train_batch_size": 4,
+          "output_dir": str(root / "ep-out"), "save_model_dir": str(root / "ep-adapter")}  # fmt: skip
+    done = torchrun(PORT, str(WORKER), write_args(root / "ep.json", ep), str(root / "ep"))
+    assert done.returncode == 0, failure(done)
+
+    mp = pytest.MonkeyPatch()
+    mp.setattr(AccelTrainer, "train", recording_train(root / "one"))
+    (root / "one").mkdir()
+    try:
+        accel.train(
+            {**base, **LORA, **_moe(True), "per_device_train_batch_size": 8,
+             "output_dir": str(root / "one-out"), "save_model_dir": str(root / "one-adapter")}
+        )  # fmt: skip
+    finally:
+        mp.undo()
+    return {"root": root, "ranks": records(root / "ep"), "one": records(root / "one", 1)[0],
+            "model": root / "model", "stdout": done.stdout}  # fmt: skip
+
+
+def _history(record, key):
+    return [h[key] for h in record["log_history"] if key in h]
+
+
+def _lora(record):
+    return {n: v for n, v in record["params"].items() if "lora_" in n}
+
+
+def test_ep2_lora_on_experts_and_router_matches_one_process(lora_runs):
+    ranks, one = lora_runs["ranks"], lora_runs["one"]
+    assert "expert parallel over 2 processes" in lora_runs["stdout"]
+    assert "LoRA also on: experts, router" in lora_runs["stdout"]
+    trained = _lora(one)
+    experts = [n for n in trained if ".experts." in n]
+    router = [n for n in trained if ".mlp.gate." in n]
+    attention = [n for n in trained if ".self_attn." in n]
+    # 2 layers x (gate_up_proj, down_proj) x (A, B); 2 layers x router (A, B); q, v x (A, B)
+    assert (len(experts), len(router), len(attention)) == (8, 4, 8)
+    for rank in ranks:
+        assert sorted(_lora(rank)) == sorted(trained)
+        for name in experts:  # sharded like the experts: half of every factor per process
+            assert rank["param_types"][name] == "DTensor", name
+            assert rank["local_numel"][name] * 2 == trained[name].numel(), name
+        for name in router + attention:  # replicated
+            assert rank["param_types"][name] == "Parameter", name
+        assert _history(rank, "loss") == pytest.approx(_history(one, "loss"), rel=1e-5)
+        assert _history(rank, "grad_norm") == pytest.approx(_history(one, "grad_norm"), rel=1e-4)
+    for name, value in trained.items():
+        # the same on both processes (gathered), and the single run's to fp32 rounding (the
+        # experts sum in another order; Adam's first steps divide each gradient element by its
+        # own size, so rounding shows up to ~1e-5 against factors of ~2e-2); the router's
+        # factors match only because their gradient is averaged over the processes
+        assert torch.equal(ranks[0]["params"][name], ranks[1]["params"][name]), name
+        torch.testing.assert_close(ranks[0]["params"][name], value, rtol=1e-4, atol=1e-5, msg=name)
+    for name in experts + router:
+        if "lora_B" in name:  # PEFT starts B at zero: the factors really trained
+            assert trained[name].abs().max() > 1e-3, name
+
+
+def test_ep2_lora_leaves_the_base_weights_untouched(lora_runs):
+    from transformers import AutoModelForCausalLM
+
+    initial = AutoModelForCausalLM.from_pretrained(lora_runs["model"]).state_dict()
+    rank = lora_runs["ranks"][0]
+    base = {n: v for n, v in rank["params"].items() if "lora_" not in n}
+    assert any(".experts." in n for n in base)
+    for name, value in base.items():
+        key = name.removeprefix("base_model.model.").replace(".base_layer", "")
+        assert torch.equal(value, initial[key]), name
+
+
+def test_ep2_adapter_is_vanilla_peft_and_reproduces_the_logits(lora_runs):
+    """The saved adapter is the gathered one (every expert), in PEFT's format: vanilla
+    ``PeftModel.from_pretrained`` on the plain model (eager experts, one process) loads it and
+    gives the logits of the single run's adapter, which holds the same factors."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    root = lora_runs["root"]
+    config = json.loads((root / "ep-adapter" / "adapter_config.json").read_text())
+    assert any(t.endswith("experts.gate_up_proj") for t in config["target_parameters"])
+    assert any(t.endswith("mlp.gate.weight") for t in config["target_parameters"])
+    saved = saved_weights(root / "ep-adapter")
+    trained = {n.replace(".default", ""): v for n, v in _lora(lora_runs["ranks"][0]).items()}
+    assert sorted(saved) == sorted(trained)
+    for name, value in saved.items():  # full tensors, the EP run's trained factors
+        assert torch.equal(value, trained[name]), name
+
+    ids = torch.randint(4, 60, (2, 11))
+    logits = []
+    for adapter in ("ep-adapter", "one-adapter"):
+        plain = AutoModelForCausalLM.from_pretrained(lora_runs["model"])
+        assert plain.config._experts_implementation != "scattermoe"
+        model = PeftModel.from_pretrained(plain, str(root / adapter)).eval()
+        with torch.no_grad():
+            logits.append(model(input_ids=ids).logits)
+    untuned = AutoModelForCausalLM.from_pretrained(lora_runs["model"]).eval()
+    with torch.no_grad():
+        before = untuned(input_ids=ids).logits
+    torch.testing.assert_close(logits[0], logits[1], rtol=1e-4, atol=1e-5)
+    assert (logits[0] - before).abs().max() > 1e-3  # the adapter changed something
