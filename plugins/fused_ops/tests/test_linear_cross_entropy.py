@@ -246,10 +246,43 @@ def test_second_backward_is_refused():
 
 
 def test_default_chunk_size():
-    assert default_chunk_size(128_256) == 130  # CUDA: 16M logits per chunk
-    assert default_chunk_size(128_256, "cpu") == 523  # CPU: 64M, for efficient GEMMs
-    assert default_chunk_size(32_000, torch.device("cuda", 1)) == 524
+    """Rows for full matmul speed, capped by the default budget; a given budget alone decides."""
+    assert default_chunk_size(128_256, "cpu") == 512  # 512 rows x 128k fp32 = 250 MiB
+    assert default_chunk_size(32_000, "cpu") == 512  # 64 MiB, not 2048 rows of a fixed 256
+    assert default_chunk_size(262_144, "cpu") == 256  # the 256 MiB cap
+    assert default_chunk_size(128_256, "cuda", torch.bfloat16) == 87  # 64 MiB: bf16 + fp32
+    assert default_chunk_size(32_000, torch.device("cuda", 1)) == 256
+    assert default_chunk_size(128_256, "cpu", memory_budget=8 << 20) == 16
+    assert default_chunk_size(128_256, "cpu", n_rows=100) == 100
     assert default_chunk_size(1 << 30) == 1
+
+
+def test_memory_budget_bounds_the_chunk(monkeypatch):
+    """memory_budget picks the chunk rows; results do not depend on it."""
+    hidden, weight, bias, labels = make()
+    seen = []
+    from accel_fused_ops.kernels import linear_cross_entropy as lce
+
+    real = lce.cross_entropy_rows
+
+    def spy(logits, *args, **kwargs):
+        seen.append(logits.shape[0])
+        return real(logits, *args, **kwargs)
+
+    monkeypatch.setattr(lce, "cross_entropy_rows", spy)
+    h1, h2 = leaves(hidden, hidden)
+    budget = 5 * V * 4  # five fp32 rows of logits
+    a = fused_linear_cross_entropy(h1, weight, labels, bias, memory_budget=budget)
+    b = fused_linear_cross_entropy(h2, weight, labels, bias, chunk_size=N)
+    assert max(seen[:-1]) == 5 and seen[-1] == (labels != -100).sum()
+    a.backward()
+    b.backward()
+    torch.testing.assert_close(a, b, **FP32)
+    torch.testing.assert_close(h1.grad, h2.grad, **FP32)
+    with pytest.raises(ValueError, match="not both"):
+        fused_linear_cross_entropy(hidden, weight, labels, chunk_size=4, memory_budget=budget)
+    with pytest.raises(ValueError, match="memory_budget"):
+        fused_linear_cross_entropy(hidden, weight, labels, memory_budget=0)
 
 
 # ----------------------------------------------------------------------------- module variant

@@ -31,11 +31,19 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..dispatch import choose_impl
-from .cross_entropy import check_label_range, cross_entropy_rows, loss_scale
+from .cross_entropy import (
+    LossOutput,
+    RowLosses,
+    RowOptions,
+    check_label_range,
+    cross_entropy_rows,
+    loss_scale,
+    reduce_rows,
+    z_loss_scale,
+)
 from .cross_entropy import validate_loss_args as _validate_loss_args
 
 __all__ = [
@@ -44,28 +52,47 @@ __all__ = [
     "fused_linear_cross_entropy_module",
 ]
 
-# Logits elements per chunk. GPUs reach full matmul speed with a few hundred rows against a
-# large vocabulary, so 16M elements (32 MiB in bf16) suffices there; CPU GEMMs lose ~40%
-# at 128 rows and ~5% at 512 (measured, 2048 x 128k), so CPUs get 64M.
-_CHUNK_ELEMENTS = {"cuda": 1 << 24, "cpu": 1 << 26}
+# How many rows a chunk needs for the two matmuls to run at full speed, and the most memory
+# one chunk of logits may take by default. CPU GEMMs against a 2048 x 128k head lose ~15% of
+# their throughput at 256 rows and ~35% at 64 (measured), GPUs reach it with a few hundred
+# rows. The chunk is the smaller of the two: at V=32k a CPU chunk is 512 rows (64 MiB fp32),
+# not the 2048 rows a fixed 256 MiB would give. A ``memory_budget`` replaces both.
+_SPEED_ROWS = {"cuda": 256, "cpu": 512}
+_DEFAULT_BUDGET = {"cuda": 64 << 20, "cpu": 256 << 20}
 
 
-def default_chunk_size(vocab_size: int, device: torch.device | str = "cuda") -> int:
-    """Rows per chunk so that one chunk of logits holds a fixed number of elements.
+def default_chunk_size(
+    vocab_size: int,
+    device: torch.device | str = "cuda",
+    dtype: torch.dtype = torch.float32,
+    memory_budget: int | None = None,
+    n_rows: int | None = None,
+) -> int:
+    """Rows per chunk: as many as the matmuls need to be fast, within a memory budget.
 
-    The chunk's logits are the only vocabulary-sized buffer alive at a time, so memory no
-    longer grows with the number of tokens.
+    ``memory_budget`` (bytes) bounds the chunk's vocabulary-sized buffers: its logits in
+    ``dtype`` plus, for logits narrower than fp32, the fp32 block the cross-entropy works in.
+    Given, it alone decides (``memory_budget=8 << 20`` at V=128k fp32 gives 16-row chunks); by
+    default the chunk is the rows the device needs for full matmul speed, capped at 256 MiB
+    (CPU) or 64 MiB (CUDA). Never more than ``n_rows`` when that is given.
     """
     device_type = torch.device(device).type
-    budget = _CHUNK_ELEMENTS.get(device_type, _CHUNK_ELEMENTS["cuda"])
-    return max(1, budget // max(int(vocab_size), 1))
+    item = torch.empty((), dtype=dtype).element_size()
+    row_bytes = max(int(vocab_size), 1) * (item + (4 if item < 4 else 0))
+    if memory_budget is not None:
+        rows = memory_budget // row_bytes
+    else:
+        budget = _DEFAULT_BUDGET.get(device_type, _DEFAULT_BUDGET["cuda"])
+        rows = min(_SPEED_ROWS.get(device_type, _SPEED_ROWS["cuda"]), budget // row_bytes)
+    if n_rows is not None:
+        rows = min(rows, n_rows)
+    return max(1, int(rows))
 
 
 @dataclass(frozen=True)
 class _Options:
     impl: str
-    ignore_index: int
-    softcap: float | None
+    rows: RowOptions
     reduction: str
     chunk_size: int
 
@@ -78,8 +105,12 @@ class _Options:
 class _LinearProjection:
     """``h @ weight.T + bias`` in ``compute_dtype``, backward written out as two matmuls.
 
-    Gradients accumulate in ``compute_dtype`` (the weight's dtype unless autocast is on) and
-    are cast to the parameters' dtypes at the end; the bias gradient accumulates in fp32.
+    The chunk's logits are computed into one buffer reused by every chunk (no fresh
+    vocabulary-sized allocation, hence no page faults, per chunk). The weight gradient
+    accumulates in ``accum_dtype`` (default ``compute_dtype``; fp32 for a bf16 head multiplies
+    the chunk in fp32, at the cost of an fp32 copy of the chunk's logits gradient and an fp32
+    matmul, and rounds once at the end instead of once per chunk), the bias gradient in fp32;
+    both are cast to the parameters' dtypes at the end.
     """
 
     owns_logits = True  # the logits buffer is ours: the CE gradient may overwrite it
@@ -91,31 +122,59 @@ class _LinearProjection:
         compute_dtype: torch.dtype,
         need_weight: bool,
         need_bias: bool,
+        accum_dtype: torch.dtype | None = None,
     ) -> None:
         self.weight_dtype = weight.dtype
         self.bias_dtype = bias.dtype if bias is not None else None
         self.w = weight.detach().to(compute_dtype)
         self.b = bias.detach().to(compute_dtype) if bias is not None else None
         self.compute_dtype = compute_dtype
-        self.gw = torch.zeros_like(self.w) if need_weight else None
+        self.accum_dtype = accum_dtype or compute_dtype
+        self.gw = torch.zeros_like(self.w, dtype=self.accum_dtype) if need_weight else None
         self.gb = (
             torch.zeros(self.w.shape[0], dtype=torch.float32, device=self.w.device)
             if need_bias
             else None
         )
+        self.buffer: torch.Tensor | None = None
 
     def logits(self, h: torch.Tensor, track: bool) -> tuple[torch.Tensor, torch.Tensor]:
         hc = h.to(self.compute_dtype)
-        return F.linear(hc, self.w, self.b), hc
+        rows = hc.shape[0]
+        if self.buffer is None or self.buffer.shape[0] < rows:
+            self.buffer = torch.empty(
+                rows, self.w.shape[0], dtype=self.compute_dtype, device=self.w.device
+            )
+        out = self.buffer[:rows]
+        if self.b is not None:
+            torch.addmm(self.b, hc, self.w.t(), out=out)
+        else:
+            torch.mm(hc, self.w.t(), out=out)
+        return out, hc
 
     def backprop(
-        self, hc: torch.Tensor, grad_logits: torch.Tensor, need_hidden: bool
+        self,
+        hc: torch.Tensor,
+        grad_logits: torch.Tensor,
+        need_hidden: bool,
+        out: torch.Tensor | None = None,
     ) -> torch.Tensor | None:
         if self.gw is not None:
-            self.gw.addmm_(grad_logits.t(), hc)
+            if self.accum_dtype == self.compute_dtype:
+                self.gw.addmm_(grad_logits.t(), hc)
+            else:
+                a = self.accum_dtype
+                self.gw.addmm_(grad_logits.t().to(a), hc.to(a))
         if self.gb is not None:
             self.gb.add_(grad_logits.sum(0, dtype=torch.float32))
-        return grad_logits @ self.w if need_hidden else None
+        if not need_hidden:
+            return None
+        if out is not None:
+            return torch.mm(grad_logits, self.w, out=out)
+        return grad_logits @ self.w
+
+    def release(self) -> None:
+        self.buffer = None
 
     def grads(self) -> list[torch.Tensor | None]:
         gw = self.gw.to(self.weight_dtype) if self.gw is not None else None
@@ -151,16 +210,25 @@ class _ModuleProjection:
         return out.detach(), (h_in, out)
 
     def backprop(
-        self, handle: object, grad_logits: torch.Tensor, need_hidden: bool
+        self,
+        handle: object,
+        grad_logits: torch.Tensor,
+        need_hidden: bool,
+        out: torch.Tensor | None = None,
     ) -> torch.Tensor | None:
-        h_in, out = handle
+        h_in, logits = handle
         inputs = [h_in, *self.tracked] if self.need_hidden else self.tracked
-        grads = list(torch.autograd.grad(out, inputs, grad_outputs=grad_logits, allow_unused=True))
+        grads = list(
+            torch.autograd.grad(logits, inputs, grad_outputs=grad_logits, allow_unused=True)
+        )
         gh = grads.pop(0) if self.need_hidden else None
         for i, g in enumerate(grads):
             if g is not None:
                 self.acc[i] = g if self.acc[i] is None else self.acc[i].add_(g)
         return gh
+
+    def release(self) -> None:
+        pass
 
     def grads(self) -> list[torch.Tensor | None]:
         it = iter(self.acc)
@@ -176,23 +244,37 @@ def _chunked_pass(
     proj: _LinearProjection | _ModuleProjection,
     hidden: torch.Tensor,
     labels: torch.Tensor,
+    weight: torch.Tensor | None,
     opts: _Options,
     *,
     grad_scale: torch.Tensor | None,
+    z_grad_scale: torch.Tensor | None = None,
     need_hidden: bool,
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Per-row losses; with ``grad_scale`` (0-dim or ``(N,)``), also back-propagate
-    ``sum_i grad_scale[i] * loss_i`` into ``proj`` and return the hidden-state gradient."""
+) -> tuple[RowLosses, torch.Tensor | None]:
+    """Per-row loss terms; with ``grad_scale`` (0-dim or ``(N,)``), also back-propagate
+    ``sum_i grad_scale[i] * loss_i + z_grad_scale[i] * z_loss_i`` into ``proj`` and return
+    the hidden-state gradient."""
     n = hidden.shape[0]
+    ro = opts.rows
     need_grad = grad_scale is not None
-    valid = labels != opts.ignore_index
-    n_valid = int(valid.sum())  # the one host sync: it lets ignored rows skip every matmul
-    rows = None if n_valid == n else valid.nonzero().squeeze(1)
+    if torch.compiler.is_compiling():
+        # Counting the ignored rows is a host sync, i.e. a graph break: traced code runs them
+        # through the kernel, which gives them zero loss and gradient.
+        n_valid, rows = n, None
+    else:
+        valid = labels != ro.ignore_index
+        n_valid = int(valid.sum())  # the one host sync: it lets ignored rows skip every matmul
+        rows = None if n_valid == n else valid.nonzero().squeeze(1)
     loss_dtype = torch.promote_types(hidden.dtype, torch.float32)
     loss_rows = torch.zeros(n, dtype=loss_dtype, device=hidden.device)
+    has_z = ro.lse_square_scale != 0.0 or ro.want_z
+    z_rows = torch.zeros_like(loss_rows) if has_z else None
+    correct = torch.zeros(n, dtype=torch.bool, device=hidden.device) if ro.want_correct else None
     grad_hidden = None
     if need_grad and need_hidden:
         grad_hidden = torch.empty_like(hidden) if rows is None else torch.zeros_like(hidden)
+    direct = grad_hidden is not None and rows is None and isinstance(proj, _LinearProjection)
+    direct = direct and grad_hidden.dtype == proj.compute_dtype
     for start in range(0, n_valid, opts.chunk_size):
         end = min(start + opts.chunk_size, n_valid)
         idx = slice(start, end) if rows is None else rows[start:end]
@@ -205,21 +287,37 @@ def _chunked_pass(
         scale = grad_scale
         if grad_scale is not None and grad_scale.dim() == 1:
             scale = grad_scale[idx]
-        loss_rows[idx] = cross_entropy_rows(
+        z_scale = z_grad_scale
+        if z_grad_scale is not None and z_grad_scale.dim() == 1:
+            z_scale = z_grad_scale[idx]
+        part = cross_entropy_rows(
             logits,
             lab,
             impl=opts.impl,
-            ignore_index=opts.ignore_index,
-            softcap=opts.softcap,
+            ignore_index=ro.ignore_index,
+            softcap=ro.softcap,
             grad_scale=scale,
             grad_out=grad_logits,
+            weight=weight,
+            label_smoothing=ro.label_smoothing,
+            lse_square_scale=ro.lse_square_scale,
+            z_grad_scale=z_scale,
+            want_z=has_z,
+            want_correct=ro.want_correct,
         )
+        loss_rows[idx] = part.loss
+        if z_rows is not None:
+            z_rows[idx] = part.z_loss
+        if correct is not None:
+            correct[idx] = part.correct
         if need_grad:
-            gh = proj.backprop(handle, grad_logits, need_hidden)
-            if grad_hidden is not None:
+            out = grad_hidden[start:end] if direct else None
+            gh = proj.backprop(handle, grad_logits, need_hidden, out=out)
+            if grad_hidden is not None and not direct:
                 grad_hidden[idx] = gh.to(grad_hidden.dtype)
         del logits, grad_logits, handle
-    return loss_rows, grad_hidden
+    proj.release()
+    return RowLosses(loss_rows, z_rows, correct), grad_hidden
 
 
 def _check_first_backward(ctx) -> None:
@@ -239,6 +337,15 @@ def _scale(grads: Sequence[torch.Tensor | None], grad_loss: torch.Tensor) -> Non
             g.mul_(grad_loss)
 
 
+def _outputs(ctx, rows: RowLosses, labels, scale, z_scale, opts: _Options):
+    loss, z, acc = reduce_rows(rows, labels, scale, z_scale, opts.reduction, opts.rows.ignore_index)
+    z = z if opts.rows.want_z else None
+    extras = [t for t in (z, acc) if t is not None]
+    if extras:
+        ctx.mark_non_differentiable(*extras)
+    return loss, z, acc
+
+
 # --------------------------------------------------------------------------------------------
 # Autograd Functions
 # --------------------------------------------------------------------------------------------
@@ -246,48 +353,63 @@ def _scale(grads: Sequence[torch.Tensor | None], grad_loss: torch.Tensor) -> Non
 
 class _LinearCEFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, bias, labels, scale, opts, compute_dtype):  # type: ignore[override]
+    def forward(  # type: ignore[override]
+        ctx, hidden, weight, bias, labels, scale, z_scale, class_weight, opts, dtypes
+    ):
+        compute_dtype, accum_dtype = dtypes
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
-        ctx.opts, ctx.compute_dtype = opts, compute_dtype
+        ctx.opts, ctx.dtypes = opts, dtypes
         ctx.per_row = opts.reduction == "none"
         ctx.consumed = False
         with torch.autocast(hidden.device.type, enabled=False):
             if ctx.per_row:
                 proj = _LinearProjection(weight, bias, compute_dtype, False, False)
-                loss_rows, _ = _chunked_pass(
-                    proj, hidden, labels, opts, grad_scale=None, need_hidden=False
+                rows, _ = _chunked_pass(
+                    proj, hidden, labels, class_weight, opts, grad_scale=None, need_hidden=False
                 )
-                ctx.save_for_backward(hidden, weight, bias, labels)
-                return loss_rows
-            proj = _LinearProjection(weight, bias, compute_dtype, need_w, need_b)
+                ctx.save_for_backward(hidden, weight, bias, labels, class_weight)
+                return _outputs(ctx, rows, labels, scale, z_scale, opts)
+            proj = _LinearProjection(weight, bias, compute_dtype, need_w, need_b, accum_dtype)
             want = need_h or need_w or need_b
-            loss_rows, gh = _chunked_pass(
-                proj, hidden, labels, opts, grad_scale=scale if want else None, need_hidden=need_h
+            rows, gh = _chunked_pass(
+                proj,
+                hidden,
+                labels,
+                class_weight,
+                opts,
+                grad_scale=scale if want else None,
+                z_grad_scale=z_scale if want else None,
+                need_hidden=need_h,
             )
         ctx.save_for_backward(gh, *proj.grads())
-        return loss_rows.sum() * scale
+        return _outputs(ctx, rows, labels, scale, z_scale, opts)
 
     @staticmethod
-    def backward(ctx, grad_loss):  # type: ignore[override]
+    def backward(ctx, grad_loss, _grad_z, _grad_acc):  # type: ignore[override]
+        nones = (None,) * 6
         if not ctx.per_row:
             _check_first_backward(ctx)
             gh, gw, gb = ctx.saved_tensors
             _scale((gh, gw, gb), grad_loss)
-            return gh, gw, gb, None, None, None, None
-        hidden, weight, bias, labels = ctx.saved_tensors
+            return gh, gw, gb, *nones
+        hidden, weight, bias, labels, class_weight = ctx.saved_tensors
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
+        compute_dtype, accum_dtype = ctx.dtypes
+        g = grad_loss.to(torch.float32).contiguous()
         with torch.autocast(hidden.device.type, enabled=False):
-            proj = _LinearProjection(weight, bias, ctx.compute_dtype, need_w, need_b)
+            proj = _LinearProjection(weight, bias, compute_dtype, need_w, need_b, accum_dtype)
             _, gh = _chunked_pass(
                 proj,
                 hidden,
                 labels,
+                class_weight,
                 ctx.opts,
-                grad_scale=grad_loss.to(torch.float32).contiguous(),
+                grad_scale=g,
+                z_grad_scale=g,
                 need_hidden=need_h,
             )
         gw, gb = proj.grads()
-        return gh, gw, gb, None, None, None, None
+        return gh, gw, gb, *nones
 
 
 class _RngReplay:
@@ -310,9 +432,9 @@ class _RngReplay:
 
 class _ModuleCEFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, labels, scale, opts, module, *params):  # type: ignore[override]
+    def forward(ctx, hidden, labels, scale, z_scale, class_weight, opts, module, *params):  # type: ignore[override]
         need_h = ctx.needs_input_grad[0]
-        need_p = ctx.needs_input_grad[5:]
+        need_p = ctx.needs_input_grad[7:]
         ctx.opts, ctx.module = opts, module
         ctx.per_row = opts.reduction == "none"
         ctx.consumed = False
@@ -324,44 +446,55 @@ class _ModuleCEFunction(torch.autograd.Function):
                 torch.get_autocast_dtype(device_type),
             )
             proj = _ModuleProjection(module, params, [False] * len(params), False)
-            loss_rows, _ = _chunked_pass(
-                proj, hidden, labels, opts, grad_scale=None, need_hidden=False
+            rows, _ = _chunked_pass(
+                proj, hidden, labels, class_weight, opts, grad_scale=None, need_hidden=False
             )
             # Parameters are kept as the very objects the module uses: autograd.grad must
             # find them in the recomputed graph.
             ctx.params = params
-            ctx.save_for_backward(hidden, labels)
-            return loss_rows
+            ctx.save_for_backward(hidden, labels, class_weight)
+            return _outputs(ctx, rows, labels, scale, z_scale, opts)
         proj = _ModuleProjection(module, params, need_p, need_h)
         want = need_h or any(need_p)
-        loss_rows, gh = _chunked_pass(
-            proj, hidden, labels, opts, grad_scale=scale if want else None, need_hidden=need_h
+        rows, gh = _chunked_pass(
+            proj,
+            hidden,
+            labels,
+            class_weight,
+            opts,
+            grad_scale=scale if want else None,
+            z_grad_scale=z_scale if want else None,
+            need_hidden=need_h,
         )
         ctx.save_for_backward(gh, *proj.grads())
-        return loss_rows.sum() * scale
+        return _outputs(ctx, rows, labels, scale, z_scale, opts)
 
     @staticmethod
-    def backward(ctx, grad_loss):  # type: ignore[override]
+    def backward(ctx, grad_loss, _grad_z, _grad_acc):  # type: ignore[override]
+        nones = (None,) * 6
         if not ctx.per_row:
             _check_first_backward(ctx)
             gh, *gp = ctx.saved_tensors
             _scale((gh, *gp), grad_loss)
-            return (gh, None, None, None, None, *gp)
-        hidden, labels = ctx.saved_tensors
+            return (gh, *nones, *gp)
+        hidden, labels, class_weight = ctx.saved_tensors
         need_h = ctx.needs_input_grad[0]
-        proj = _ModuleProjection(ctx.module, ctx.params, ctx.needs_input_grad[5:], need_h)
+        proj = _ModuleProjection(ctx.module, ctx.params, ctx.needs_input_grad[7:], need_h)
         enabled, dtype = ctx.autocast
+        g = grad_loss.to(torch.float32).contiguous()
         with ctx.rng.fork(), torch.autocast(hidden.device.type, dtype=dtype, enabled=enabled):
             ctx.rng.restore()
             _, gh = _chunked_pass(
                 proj,
                 hidden,
                 labels,
+                class_weight,
                 ctx.opts,
-                grad_scale=grad_loss.to(torch.float32).contiguous(),
+                grad_scale=g,
+                z_grad_scale=g,
                 need_hidden=need_h,
             )
-        return (gh, None, None, None, None, *proj.grads())
+        return (gh, *nones, *proj.grads())
 
 
 # --------------------------------------------------------------------------------------------
@@ -379,9 +512,23 @@ def _check_hidden(hidden: torch.Tensor) -> None:
         raise TypeError(f"hidden must be a floating-point tensor, got {hidden.dtype}")
 
 
-def _resolve_chunk_size(chunk_size: int | None, vocab_size: int, device: torch.device) -> int:
+def _resolve_chunk_size(
+    chunk_size: int | None,
+    memory_budget: int | None,
+    vocab_size: int,
+    hidden: torch.Tensor,
+    dtype: torch.dtype,
+) -> int:
+    if chunk_size is not None and memory_budget is not None:
+        raise ValueError("give chunk_size or memory_budget, not both")
+    if memory_budget is not None and (
+        isinstance(memory_budget, bool) or not isinstance(memory_budget, int) or memory_budget < 1
+    ):
+        raise ValueError(f"memory_budget must be a positive int (bytes), got {memory_budget!r}")
     if chunk_size is None:
-        return default_chunk_size(vocab_size, device)
+        return default_chunk_size(
+            vocab_size, hidden.device, dtype, memory_budget, n_rows=max(hidden.shape[0], 1)
+        )
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
         raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
     return chunk_size
@@ -400,6 +547,46 @@ def _linear_compute_dtype(hidden: torch.Tensor, weight: torch.Tensor) -> torch.d
     return weight.dtype
 
 
+def _loss_setup(
+    hidden: torch.Tensor,
+    labels: torch.Tensor,
+    vocab_size: int,
+    *,
+    reduction: str,
+    softcap: float | None,
+    num_items_in_batch: int | torch.Tensor | None,
+    weight: torch.Tensor | None,
+    label_smoothing: float,
+    lse_square_scale: float,
+    ignore_index: int,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor]:
+    """Checks, then labels and class weights on the device and the two loss scales."""
+    _validate_loss_args(
+        labels,
+        hidden.shape[0],
+        reduction=reduction,
+        softcap=softcap,
+        num_items_in_batch=num_items_in_batch,
+        n_classes=vocab_size,
+        weight=weight,
+        label_smoothing=label_smoothing,
+        lse_square_scale=lse_square_scale,
+    )
+    labels = labels.to(hidden.device)
+    check_label_range(labels, vocab_size, ignore_index)
+    if weight is not None:
+        weight = weight.detach().to(hidden.device)
+    scale = loss_scale(labels, ignore_index, reduction, num_items_in_batch, weight)
+    z_scale = z_loss_scale(labels, ignore_index, reduction, num_items_in_batch)
+    return labels, weight, scale, z_scale
+
+
+def _result(loss, z, acc, return_z_loss: bool, return_token_accuracy: bool):
+    if return_z_loss or return_token_accuracy:
+        return LossOutput(loss, z, acc)
+    return loss
+
+
 def fused_linear_cross_entropy(
     hidden: torch.Tensor,
     weight: torch.Tensor,
@@ -410,8 +597,15 @@ def fused_linear_cross_entropy(
     reduction: str = "mean",
     num_items_in_batch: int | torch.Tensor | None = None,
     softcap: float | None = None,
+    label_smoothing: float = 0.0,
+    class_weight: torch.Tensor | None = None,
+    lse_square_scale: float = 0.0,
+    return_z_loss: bool = False,
+    return_token_accuracy: bool = False,
+    accum_dtype: torch.dtype | None = None,
     chunk_size: int | None = None,
-) -> torch.Tensor:
+    memory_budget: int | None = None,
+) -> torch.Tensor | LossOutput:
     """Cross-entropy of ``hidden @ weight.T + bias`` without materialising the ``(N, V)`` logits.
 
     Equal to ``cross_entropy(F.linear(hidden, weight, bias), labels, ...)`` (the logits in the
@@ -422,14 +616,21 @@ def fused_linear_cross_entropy(
         weight: ``(V, H)`` lm_head weight; frozen, trainable or tied to the embedding.
         labels: ``(N,)`` target ids; ``ignore_index`` rows cost no compute.
         bias: optional ``(V,)`` bias.
-        reduction, num_items_in_batch, softcap, ignore_index: as in
+        reduction, num_items_in_batch, softcap, ignore_index, label_smoothing,
+            lse_square_scale, return_z_loss, return_token_accuracy: as in
             :func:`accel_fused_ops.kernels.cross_entropy.cross_entropy`.
-        chunk_size: rows per chunk; default :func:`default_chunk_size` (16M logits on CUDA,
-            64M on CPU).
+        class_weight: ``(V,)`` class weights (``cross_entropy``'s ``weight``).
+        accum_dtype: dtype the weight gradient is summed in over chunks (default: the
+            logits' dtype); ``torch.float32`` for a bf16/fp16 head rounds once instead of once
+            per chunk, at the cost of an fp32 weight-gradient matmul per chunk.
+        chunk_size: rows per chunk; default :func:`default_chunk_size`.
+        memory_budget: bytes one chunk's vocabulary-sized buffers may take, instead of
+            ``chunk_size`` (smaller: less memory, slower matmuls).
 
     Gradients for ``hidden``, ``weight`` and ``bias`` are computed during forward (skipped
     for those that do not require grad), so backward can run only once per forward. For a
     LoRA-adapted or otherwise wrapped lm_head use :func:`fused_linear_cross_entropy_module`.
+    Under ``torch.compile`` ignored rows are not skipped (counting them is a host sync).
     """
     _check_hidden(hidden)
     if weight.dim() != 2 or weight.shape[1] != hidden.shape[1]:
@@ -441,31 +642,52 @@ def fused_linear_cross_entropy(
         raise ValueError(
             f"bias must have shape ({weight.shape[0]},) to match weight, got {tuple(bias.shape)}"
         )
-    _validate_loss_args(
+    if accum_dtype is not None and (
+        not isinstance(accum_dtype, torch.dtype) or not accum_dtype.is_floating_point
+    ):
+        raise TypeError(f"accum_dtype must be a floating-point torch.dtype, got {accum_dtype!r}")
+    vocab = weight.shape[0]
+    labels, class_weight, scale, z_scale = _loss_setup(
+        hidden,
         labels,
-        hidden.shape[0],
+        vocab,
         reduction=reduction,
         softcap=softcap,
         num_items_in_batch=num_items_in_batch,
+        weight=class_weight,
+        label_smoothing=label_smoothing,
+        lse_square_scale=lse_square_scale,
+        ignore_index=ignore_index,
     )
-    labels = labels.to(hidden.device)
     compute_dtype = _linear_compute_dtype(hidden, weight)
     impl = choose_impl(hidden)
-    check_label_range(labels, weight.shape[0], ignore_index)
     if not torch.is_grad_enabled():
         # needs_input_grad ignores grad mode: detach so no_grad skips the backward projection
         # and the (V, H) weight-gradient buffer.
         hidden, weight = hidden.detach(), weight.detach()
         bias = bias.detach() if bias is not None else None
-    opts = _Options(
-        impl,
+    rows = RowOptions(
         int(ignore_index),
         softcap,
-        reduction,
-        _resolve_chunk_size(chunk_size, weight.shape[0], hidden.device),
+        float(label_smoothing),
+        float(lse_square_scale),
+        want_z=bool(return_z_loss),
+        want_correct=bool(return_token_accuracy),
     )
-    scale = loss_scale(labels, ignore_index, reduction, num_items_in_batch)
-    return _LinearCEFunction.apply(hidden, weight, bias, labels, scale, opts, compute_dtype)
+    size = _resolve_chunk_size(chunk_size, memory_budget, vocab, hidden, compute_dtype)
+    opts = _Options(impl, rows, reduction, size)
+    loss, z, acc = _LinearCEFunction.apply(
+        hidden,
+        weight,
+        bias,
+        labels,
+        scale,
+        z_scale,
+        class_weight,
+        opts,
+        (compute_dtype, accum_dtype),
+    )
+    return _result(loss, z, acc, return_z_loss, return_token_accuracy)
 
 
 def _vocab_size_of(projection: Callable, hidden: torch.Tensor) -> int:
@@ -487,8 +709,14 @@ def fused_linear_cross_entropy_module(
     reduction: str = "mean",
     num_items_in_batch: int | torch.Tensor | None = None,
     softcap: float | None = None,
+    label_smoothing: float = 0.0,
+    class_weight: torch.Tensor | None = None,
+    lse_square_scale: float = 0.0,
+    return_z_loss: bool = False,
+    return_token_accuracy: bool = False,
     chunk_size: int | None = None,
-) -> torch.Tensor:
+    memory_budget: int | None = None,
+) -> torch.Tensor | LossOutput:
     """Cross-entropy of ``projection(hidden)`` computed chunk by chunk, for wrapped lm_heads.
 
     ``projection`` maps ``(C, H) -> (C, V)`` row by row (each output row depends only on its
@@ -518,26 +746,37 @@ def fused_linear_cross_entropy_module(
     params = list(params)
     if not all(isinstance(p, torch.Tensor) for p in params):
         raise TypeError("params must be a sequence of tensors")
-    _validate_loss_args(
+    vocab_size = _vocab_size_of(projection, hidden)
+    labels, class_weight, scale, z_scale = _loss_setup(
+        hidden,
         labels,
-        hidden.shape[0],
+        vocab_size,
         reduction=reduction,
         softcap=softcap,
         num_items_in_batch=num_items_in_batch,
+        weight=class_weight,
+        label_smoothing=label_smoothing,
+        lse_square_scale=lse_square_scale,
+        ignore_index=ignore_index,
     )
-    labels = labels.to(hidden.device)
-    vocab_size = _vocab_size_of(projection, hidden)
     impl = choose_impl(hidden)
-    check_label_range(labels, vocab_size, ignore_index)
     if not torch.is_grad_enabled():
         # As in fused_linear_cross_entropy: no gradient work under no_grad.
         hidden, params = hidden.detach(), [p.detach() for p in params]
-    opts = _Options(
-        impl,
+    rows = RowOptions(
         int(ignore_index),
         softcap,
-        reduction,
-        _resolve_chunk_size(chunk_size, vocab_size, hidden.device),
+        float(label_smoothing),
+        float(lse_square_scale),
+        want_z=bool(return_z_loss),
+        want_correct=bool(return_token_accuracy),
     )
-    scale = loss_scale(labels, ignore_index, reduction, num_items_in_batch)
-    return _ModuleCEFunction.apply(hidden, labels, scale, opts, projection, *params)
+    dtype = hidden.dtype
+    if torch.is_autocast_enabled(hidden.device.type):
+        dtype = torch.get_autocast_dtype(hidden.device.type)
+    size = _resolve_chunk_size(chunk_size, memory_budget, vocab_size, hidden, dtype)
+    opts = _Options(impl, rows, reduction, size)
+    loss, z, acc = _ModuleCEFunction.apply(
+        hidden, labels, scale, z_scale, class_weight, opts, projection, *params
+    )
+    return _result(loss, z, acc, return_z_loss, return_token_accuracy)
