@@ -139,3 +139,16 @@ def test_ep2_adapter_is_vanilla_peft_and_reproduces_the_logits(lora_runs):
         before = untuned(input_ids=ids).logits
     torch.testing.assert_close(logits[0], logits[1], rtol=1e-4, atol=1e-5)
     assert (logits[0] - before).abs().max() > 1e-3  # the adapter changed something
+
+
+def test_lora_on_experts_with_dropout_is_refused_in_one_line(run_args, tmp_path):
+    """PEFT's LoRA on parameters has no dropout: the core's default (0.05) is named, not
+    PEFT's traceback from inside the wrapping."""
+    import accel
+    from accel import ConfigError
+
+    args = {**run_args, **LORA, **_moe(True), "lora_dropout": 0.05, "output_dir": str(tmp_path)}
+    with pytest.raises(
+        ConfigError, match="has no dropout .lora_dropout is 0.05.; set lora_dropout 0"
+    ):
+        accel.train(args)
