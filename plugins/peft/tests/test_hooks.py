@@ -116,7 +116,7 @@ def test_no_peft_model_is_the_common_recipe(assets):
 def test_gptq_hooks_all_linear_and_training(gptq_dir, tmp_path, dtype, fp16, adapter_dtype):
     """bf16: adapters in bf16. --torch_dtype float16 --fp16: the fp16 gradient scaler updates
     fp32 parameters only, so the adapters are fp32 over the fp16 base."""
-    from accel_peft.loading import load_gptq
+    from accel_peft.loading import GPTQ_PACKED, load_gptq
 
     model, _ = prepared_model({"auto_gptq": ["triton_v2"]}, gptq_dir, dtype, fp16=fp16)
     base = model.get_base_model()
@@ -124,6 +124,14 @@ def test_gptq_hooks_all_linear_and_training(gptq_dir, tmp_path, dtype, fp16, ada
     assert kinds == {"TorchLinear"}  # the CPU backend
     layers = [n for n, m in model.named_modules() if type(m).__name__ == "GPTQLoraLinear"]
     assert len(layers) == 14 and not any("lm_head" in n for n in layers)
-    assert {p.dtype for p in base.parameters() if not p.requires_grad} == {dtype}
+    # the packed tensors are frozen parameters (FSDP shards them); the rest stays in dtype
+    params = dict(base.named_parameters())
+    packed = {n for n in params if n.rsplit(".", 1)[-1] in GPTQ_PACKED}
+    assert len(packed) == 14 * 4  # qweight, qzeros, scales, g_idx (no bias)
+    assert {params[n].dtype for n in packed} == {torch.int32, torch.float16}
+    assert not any(n.rsplit(".", 1)[-1] in GPTQ_PACKED for n, _ in base.named_buffers())
+    assert {p.dtype for n, p in params.items() if not p.requires_grad and n not in packed} == {
+        dtype
+    }
     _check_trains_adapters_only(model, adapter_dtype)
     _reload_matches(model, tmp_path, lambda: load_gptq(str(gptq_dir), {"dtype": dtype}))
