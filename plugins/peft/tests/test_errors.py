@@ -104,6 +104,23 @@ def test_fused_lora_naming_the_other_base_gptq(assets, gptq_dir, capsys):
     assert "pass --fused_lora auto_gptq True" in err
 
 
+@pytest.mark.parametrize("kind", ["bnb", "gptq"])
+def test_fsdp_size_refusal_says_why_and_what_works(assets, gptq_dir, kind):
+    from accel.errors import ConfigError
+    from accel_peft.loading import load_bnb_4bit, load_gptq
+
+    sharded = {"distributed_config": object()}  # what the core passes for fsdp_size
+    with pytest.raises(ConfigError) as err:
+        if kind == "bnb":
+            load_bnb_4bit(str(assets / "llama"), sharded, "nf4")
+        else:
+            load_gptq(str(gptq_dir), sharded)
+    message = str(err.value)
+    why = "which those shards no longer describe" if kind == "bnb" else "FSDP replicates"
+    assert "cannot be combined with fsdp_size" in message and why in message
+    assert "Drop fsdp_size" in message and "fsdp_version 2" in message
+
+
 def test_checkpoint_bits_gptqmodel_cannot_train(assets, gptq_dir, tmp_path, capsys):
     bad = tmp_path / "gptq-3bit"
     shutil.copytree(gptq_dir, bad)

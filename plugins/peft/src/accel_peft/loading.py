@@ -48,12 +48,25 @@ def _device_map() -> dict[str, Any] | str:
     return "cpu"
 
 
+#: why transformers' load-time FSDP2 (``fsdp_size``) cannot shard each kind of quantized base
+_SHARDED_LOADING_WHY = {
+    "--bnb_qlora": "transformers applies FSDP2 before the weights load, sharding each weight "
+    "in its full-precision shape, and bitsandbytes then stores the packed 4-bit form, which "
+    "those shards no longer describe (FSDP fails on the first forward)",
+    "--auto_gptq": "transformers applies FSDP2 before the weights load, when gptqmodel's packed "
+    "weights are still buffers, which FSDP replicates on every process instead of sharding",
+}
+
+
 def _no_sharded_loading(model_kwargs: dict[str, Any], what: str) -> dict[str, Any]:
     kwargs = dict(model_kwargs)
     if kwargs.pop("distributed_config", None) is not None:
         raise ConfigError(
-            f"{what}: fsdp_size (transformers' sharded loading) does not load quantized "
-            "weights; train the quantized base without fsdp_size (DDP under torchrun works)"
+            f"{what} cannot be combined with fsdp_size (transformers' sharded loading): "
+            f"{_SHARDED_LOADING_WHY[what]}. Drop fsdp_size: under torchrun the run is then DDP, "
+            "and FSDP2 applied to the loaded model (fully_shard per layer, as accelerate's FSDP2 "
+            "does on GPUs: `accelerate launch --config_file` with fsdp_version 2) shards the "
+            "4-bit weights with their layers"
         )
     return kwargs
 
