@@ -5,7 +5,19 @@ Each (case, method) runs forward + backward of the loss layer alone in a fresh s
 * ``hf``: ``logits = hidden @ weight.T`` in the model dtype, ``logits.float()``, then
   ``F.cross_entropy`` (what ``ForCausalLMLoss`` does);
 * ``fused``: :func:`accel_fused_ops.kernels.linear_cross_entropy.fused_linear_cross_entropy`
-  (PyTorch path on CPU, Triton CE kernel on CUDA).
+  (PyTorch path on CPU, Triton CE kernel on CUDA);
+* ``cce``: cut-cross-entropy's ``linear_cross_entropy`` (``impl="torch_compile"`` on CPU: the
+  full logits, then Inductor-fused cross-entropy; its default ``cce`` Triton impl on CUDA);
+* ``torchtune``: torchtune's ``CEWithChunkedOutputLoss`` (8 token chunks of logits, each
+  chunk's upcast + cross-entropy compiled, as torchtune recommends). Its ``modules.loss``
+  package does not import with the torchao this environment has, so the one file
+  ``ce_chunked_output_loss.py`` is loaded on its own;
+* ``liger``: Liger-Kernel's ``LigerFusedLinearCrossEntropyLoss`` (Triton; CUDA only: on CPU it
+  runs only in the Triton interpreter, orders of magnitude too slow for these shapes, so the
+  row says skipped with that reason).
+
+Peers are optional benchmark dependencies (``requirements/bench.txt``); a peer that is not
+installed or cannot run here is reported as skipped with the reason.
 
 Peak memory (CPU): after the inputs exist, the worker records its resident set size, resets
 the kernel's high-water mark (``/proc/self/clear_refs`` = 5) and reads ``VmHWM`` after
@@ -83,15 +95,66 @@ class _PeakMeter:
         return _proc_status_kib("VmHWM") * 1024 - self.base
 
 
-def _loss_fn(method: str, chunk_size: int | None):
-    import torch.nn.functional as F
+METHODS = ("hf", "fused", "cce", "torchtune", "liger")
 
-    from accel_fused_ops.kernels.linear_cross_entropy import fused_linear_cross_entropy
+
+class SkipMethod(Exception):
+    """A peer that cannot run here; the message is the reason printed in the table."""
+
+
+def _torchtune_chunked_loss():
+    """torchtune's chunked CE class, from its one file (its package import needs torchao)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("torchtune")
+    if spec is None or not spec.submodule_search_locations:
+        raise SkipMethod("torchtune is not installed (pip install -r requirements/bench.txt)")
+    path = Path(spec.submodule_search_locations[0]) / "modules" / "loss"
+    path = path / "ce_chunked_output_loss.py"
+    file_spec = importlib.util.spec_from_file_location("_tt_ce_chunked_output_loss", path)
+    module = importlib.util.module_from_spec(file_spec)
+    file_spec.loader.exec_module(module)
+    return module.CEWithChunkedOutputLoss
+
+
+def _loss_fn(method: str, chunk_size: int | None, device: str):
+    import torch
+    import torch.nn.functional as F
 
     if method == "hf":
         return lambda h, w, y: F.cross_entropy(F.linear(h, w).float(), y)
     if method == "fused":
+        from accel_fused_ops.kernels.linear_cross_entropy import fused_linear_cross_entropy
+
         return lambda h, w, y: fused_linear_cross_entropy(h, w, y, chunk_size=chunk_size)
+    if method == "cce":
+        try:
+            from cut_cross_entropy import linear_cross_entropy
+        except ImportError as e:
+            raise SkipMethod(f"cut-cross-entropy is not importable: {e}") from None
+        impl = "cce" if device == "cuda" else "torch_compile"
+        return lambda h, w, y: linear_cross_entropy(h, w, y, impl=impl)
+    if method == "torchtune":
+        loss = _torchtune_chunked_loss()(num_output_chunks=8)
+        loss.compute_cross_entropy = torch.compile(loss.compute_cross_entropy, dynamic=True)
+
+        def tune(h, w, y):
+            chunks = [F.linear(c, w) for c in h.unsqueeze(0).chunk(8, dim=1)]
+            return loss(chunks, y.unsqueeze(0))
+
+        return tune
+    if method == "liger":
+        if device != "cuda":
+            raise SkipMethod(
+                "Liger-Kernel's fused linear CE is Triton-only: no CUDA device here, and the "
+                "Triton interpreter (TRITON_INTERPRET=1) is far too slow for these shapes"
+            )
+        try:
+            from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
+        except ImportError as e:
+            raise SkipMethod(f"liger-kernel is not importable: {e}") from None
+        liger = LigerFusedLinearCrossEntropyLoss()
+        return lambda h, w, y: liger(w, h, y)
     raise ValueError(f"unknown method {method!r}")
 
 
@@ -101,13 +164,20 @@ def _worker(args: argparse.Namespace) -> None:
     hidden_size, vocab, tokens = _parse_case(args.case)
     dtype = getattr(torch, DTYPES[args.dtype])
     device = args.device
-    loss_fn = _loss_fn(args.method, args.chunk_size)
+    try:
+        loss_fn = _loss_fn(args.method, args.chunk_size, device)
+    except SkipMethod as e:
+        print(json.dumps({"skipped": str(e)}))
+        return
 
-    # Warm up thread pools and kernels on a tiny problem before measuring.
-    h = torch.randn(64, 32, device=device, dtype=dtype, requires_grad=True)
-    w = torch.randn(256, 32, device=device, dtype=dtype, requires_grad=True)
-    loss_fn(h, w, torch.randint(0, 256, (64,), device=device)).backward()
-    del h, w
+    # Warm up thread pools, kernels and the peers' torch.compile graphs (dynamic shapes) on the
+    # real hidden and vocabulary sizes with a few tokens, so no compile lands in the timing.
+    for n in (64, 128):
+        h = torch.randn(n, hidden_size, device=device, dtype=dtype, requires_grad=True)
+        w = torch.randn(vocab, hidden_size, device=device, dtype=dtype)
+        w.requires_grad_(args.weight == "trainable")
+        loss_fn(h, w, torch.randint(0, vocab, (n,), device=device)).backward()
+        del h, w
 
     g = torch.Generator(device="cpu").manual_seed(0)
     hidden = torch.randn(tokens, hidden_size, generator=g).to(device, dtype)
@@ -178,6 +248,9 @@ def _run_worker(args, case: str, method: str, weight: str, save: Path) -> dict:
     env.pop("ACCEL_KERNEL_IMPL", None)  # the default dispatch: torch on CPU, Triton on CUDA
     out = subprocess.run(cmd, env=env, capture_output=True, text=True)
     if out.returncode != 0:
+        if method != "hf":  # a peer that breaks here is reported, not fatal
+            reason = (out.stderr.strip().splitlines() or ["no output"])[-1][:200]
+            return {"skipped": f"failed here: {reason}"}
         raise SystemExit(f"worker failed for {case} {method}:\n{out.stderr[-4000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -186,6 +259,39 @@ def _max_abs_diff(a, b) -> float:
     if a is None or b is None:
         return float("nan")
     return (a.float() - b.float()).abs().max().item()
+
+
+def _row(case: str, weight: str, method: str, res: dict, saved: dict) -> str:
+    hidden, vocab, tokens = _parse_case(case)
+    head = f"| {hidden} | {vocab} | {tokens} | {weight} | {method} "
+    r = res[method]
+    if "skipped" in r:
+        return head + f"| skipped: {r['skipped']} |" + " |" * 7
+    hf = res["hf"]
+    diffs = [
+        _max_abs_diff(saved["hf"][k], saved[method][k])
+        for k in ("loss", "grad_hidden", "grad_weight")
+    ]
+    return (
+        head
+        + f"| {r['peak_bytes'] / 2**20:.0f} | {r['peak_bytes'] / hf['peak_bytes']:.3f} "
+        + f"| {r['seconds']:.1f} | {r['cpu_seconds']:.1f} "
+        + f"| {r['cpu_seconds'] / hf['cpu_seconds']:.2f} | "
+        + " | ".join(f"{d:.2e}" if d == d else "-" for d in diffs)
+        + " |"
+    )
+
+
+def _peer_versions() -> str:
+    from importlib import metadata
+
+    found = []
+    for dist in ("cut-cross-entropy", "torchtune", "liger-kernel", "triton"):
+        try:
+            found.append(f"{dist} {metadata.version(dist)}")
+        except metadata.PackageNotFoundError:
+            found.append(f"{dist} (not installed)")
+    return ", ".join(found)
 
 
 def _environment(args) -> str:
@@ -203,6 +309,7 @@ def _environment(args) -> str:
         f"- CPU: {cpu}, {os.cpu_count()} cores, torch threads {torch.get_num_threads()}",
         f"- python {platform.python_version()}, torch {torch.__version__}",
         f"- dtype {args.dtype}, chunk_size {args.chunk_size or 'default'}",
+        f"- peers: {_peer_versions()}",
     ]
     return "\n".join(lines)
 
@@ -214,6 +321,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--chunk-size", type=int, default=None)
+    parser.add_argument(
+        "--methods", nargs="+", choices=METHODS, default=list(METHODS), help="hf always runs"
+    )
     parser.add_argument(
         "--repeat", type=int, default=1, help="timed runs per case (min taken; memory: 1st)"
     )
@@ -232,10 +342,9 @@ def main(argv: list[str] | None = None) -> None:
 
     weights = ["frozen", "trainable"] if args.weight == "both" else [args.weight]
     header = (
-        "| hidden | vocab | tokens | lm_head | HF peak MiB | fused peak MiB | memory saved "
-        "| HF wall s | fused wall s | wall fused/HF | CPU-time fused/HF "
-        "| max abs diff loss | grad hidden | grad weight |\n"
-        "|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+        "| hidden | vocab | tokens | lm_head | method | peak MiB | peak / HF | wall s "
+        "| CPU s | CPU time / HF | max abs diff loss | grad hidden | grad weight |\n"
+        "|---:|---:|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"
     )
     rows, meters = [], set()
     print(header, flush=True)
@@ -245,30 +354,17 @@ def main(argv: list[str] | None = None) -> None:
             hidden, vocab, tokens = _parse_case(case)
             for weight in weights:
                 res, saved = {}, {}
-                for method in ("hf", "fused"):
+                for method in ["hf", *[m for m in args.methods if m != "hf"]]:
                     path = Path(tmp) / f"{method}.pt"
                     res[method] = _run_worker(args, case, method, weight, path)
-                    meters.add(res[method]["meter"])
-                    saved[method] = torch.load(path)
-                    path.unlink()
-                hf, fu = res["hf"], res["fused"]
-                diffs = [
-                    _max_abs_diff(saved["hf"][k], saved["fused"][k])
-                    for k in ("loss", "grad_hidden", "grad_weight")
-                ]
+                    if "skipped" not in res[method]:
+                        meters.add(res[method]["meter"])
+                        saved[method] = torch.load(path)
+                        path.unlink()
+                    row = _row(case, weight, method, res, saved)
+                    rows.append(row)
+                    print(row, flush=True)
                 del saved
-                row = (
-                    f"| {hidden} | {vocab} | {tokens} | {weight} "
-                    f"| {hf['peak_bytes'] / 2**20:.0f} | {fu['peak_bytes'] / 2**20:.0f} "
-                    f"| {100 * (1 - fu['peak_bytes'] / hf['peak_bytes']):.1f}% "
-                    f"| {hf['seconds']:.1f} | {fu['seconds']:.1f} "
-                    f"| {fu['seconds'] / hf['seconds']:.2f} "
-                    f"| {fu['cpu_seconds'] / hf['cpu_seconds']:.2f} | "
-                    + " | ".join(f"{d:.2e}" if d == d else "-" for d in diffs)
-                    + " |"
-                )
-                rows.append(row)
-                print(row, flush=True)
     elapsed = time.perf_counter() - total
     report = "\n".join(
         [
