@@ -287,3 +287,33 @@ def test_sharded_weights_need_every_shard_of_their_index(out, caplog):
     assert "model-00002-of-00002.safetensors, listed in model.safetensors.index.json" in (
         caplog.text
     )
+
+
+def test_load_time_sharded_run_refuses_a_checkpoint_of_another_layout(out, base_args, monkeypatch):
+    """fsdp_size (and --fast_moe N) checkpoints are sharded DCP state: a checkpoint of an
+    unsharded run, whose optimizer.pt does not fit sharded parameters, is refused before
+    anything loads, auto-resumed or named."""
+    from accel.trainer import distributed
+    from accel.trainer.parsing import parse_mapping
+
+    sharded = {**base_args, "output_dir": str(out), "fsdp_size": 2}
+    auto, named, fresh = (
+        parse_mapping({**sharded, **extra})
+        for extra in ({}, {"resume_from_checkpoint": str(out / "checkpoint-2")},
+                      {"resume_from_checkpoint": "False"})
+    )  # fmt: skip
+    monkeypatch.setenv("WORLD_SIZE", "2")  # as torchrun sets it, once the arguments are parsed
+    with pytest.raises(ConfigError, match="checkpoint-4 \\(auto-resume\\): it was written by a"):
+        distributed.check_launch(auto)
+    with pytest.raises(ConfigError, match="checkpoint-2: it was written by a run that was not"):
+        distributed.check_launch(named)
+    distributed.check_launch(fresh)
+
+
+def test_sharded_checkpoint_is_not_resumed_by_an_unsharded_run(out, base_args):
+    """The other way round: a run that does not shard at load time names the way out."""
+    from accel.trainer.sharded_checkpoint import MARKER
+
+    (out / "checkpoint-4" / MARKER).write_text('{"written_by": "accel", "processes": 2}\n')
+    with pytest.raises(ConfigError, match="sharded state of a model sharded at load time"):
+        accel.train({**base_args, "output_dir": str(out), "max_steps": 6})

@@ -203,12 +203,19 @@ def test_accelerate_fsdp_config_on_cpu_is_an_error_not_ddp(run_args, tmp_path):
     ("extra", "message"),
     [
         ({}, "fsdp_size 2 needs a multi-process launch"),
-        ({"world": "2", "save_strategy": "steps"}, "save_strategy 'steps' would write"),
-        ({"world": "2", "resume_from_checkpoint": "ckpt"}, "cannot resume from ckpt"),
+        (
+            {
+                "world": "2",
+                "save_strategy": "steps",
+                "eval_strategy": "steps",
+                "load_best_model_at_end": True,
+            },
+            "load_best_model_at_end cannot reload",
+        ),
         ({"world": "2", "fsdp": "full_shard"}, "both shard the model; choose one"),
         ({"world": "3"}, "fsdp_size 2 needs a multi-process launch .*this launch has 3"),
     ],
-    ids=["one-process", "checkpoints", "resume", "two-engines", "indivisible"],
+    ids=["one-process", "best-model", "two-engines", "indivisible"],
 )
 def test_fsdp_size_refusals_before_loading(run_args, tmp_path, monkeypatch, extra, message):
     """Checked by check_launch, before anything loads. The arguments are parsed in this single
@@ -223,18 +230,3 @@ def test_fsdp_size_refusals_before_loading(run_args, tmp_path, monkeypatch, extr
         monkeypatch.setenv("WORLD_SIZE", world)
     with pytest.raises(accel.ConfigError, match=message):
         distributed.check_launch(config)
-
-
-def test_fsdp_size_auto_resume_is_refused(run_args, tmp_path, monkeypatch):
-    from accel.trainer import distributed
-    from accel.trainer.parsing import parse_mapping
-
-    (tmp_path / "checkpoint-2").mkdir()
-    config = parse_mapping({**run_args, "output_dir": str(tmp_path), "fsdp_size": 2})
-    fresh = parse_mapping(
-        {**run_args, "output_dir": str(tmp_path), "fsdp_size": 2, "resume_from_checkpoint": "False"}
-    )
-    monkeypatch.setenv("WORLD_SIZE", "2")
-    with pytest.raises(accel.ConfigError, match="checkpoint-2 \\(auto-resume\\)"):
-        distributed.check_launch(config)
-    distributed.check_launch(fresh)  # starting fresh on purpose is fine

@@ -1,7 +1,7 @@
 """``--fast_moe 2`` under torchrun (2 gloo processes, transformers' EP with FSDP 2) against one
 process at the same global batch: same losses and Trainer grad norms, same trained weights
 (gathered from the shards), experts really split, the final model a plain HF checkpoint that
-loads in one process with the single run's logits; checkpoint/resume refused up front."""
+loads in one process with the single run's logits; load_best_model_at_end refused up front."""
 
 from __future__ import annotations
 
@@ -83,15 +83,17 @@ def test_ep2_final_model_is_plain_hf(ep_runs):
     assert ep_model.config.num_local_experts == 4  # every expert, not one rank's half
 
 
-def test_ep_checkpoints_refused_before_training(ep_runs, tmp_path):
-    """transformers cannot resume a model sharded at load time: the run stops with one line."""
+def test_ep_load_best_model_at_end_refused_before_training(ep_runs, tmp_path):
+    """Checkpoints of a model sharded at load time are sharded state (resumable, see
+    test_resume.py) that load_best_model_at_end cannot reload: the run stops with one line."""
+    data = ep_runs["base"]["training_data_path"]
     args = {**ep_runs["base"], "per_device_train_batch_size": 4, "fast_moe": 2,
-            "save_strategy": "steps", "save_steps": 2, "output_dir": str(tmp_path / "o")}  # fmt: skip
+            "save_strategy": "steps", "save_steps": 2, "eval_strategy": "steps", "eval_steps": 2,
+            "load_best_model_at_end": True, "validation_data_path": data,
+            "output_dir": str(tmp_path / "o")}  # fmt: skip
     done = torchrun(PORT + 1, "-m", "accel.cli", "train", write_args(tmp_path / "a.json", args))
     assert done.returncode != 0
-    assert "--fast_moe 2: transformers cannot checkpoint the optimizer" in done.stderr, done.stderr[
-        -3000:
-    ]
+    assert "--fast_moe 2: load_best_model_at_end cannot reload" in done.stderr, done.stderr[-3000:]
     # a rank exits with status 2 and the one line (torchrun may stop the other first); the
     # only traceback is torchrun's own
     assert "exitcode  : 2" in done.stderr
