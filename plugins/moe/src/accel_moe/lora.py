@@ -8,6 +8,7 @@ PEFT wraps a named parameter instead (``lora.ParamWrapper``), and the experts fo
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import copy
 import types
 from collections.abc import Iterator
@@ -156,11 +157,19 @@ def _replica_group(ep_mesh: Any) -> Any:
     return mine
 
 
+#: set while a PEFT model with sharded expert factors saves its adapter
+_GATHERING = contextvars.ContextVar("accel_moe_gathering_lora", default=False)
+
+
 def _full_state_dict_hook(module: Any, state_dict: dict, prefix: str, local_metadata: Any) -> None:
-    """Gather sharded LoRA factors in ``state_dict()`` (every process must call it, as every
-    process calls ``save_model``): PEFT's save sees its own full tensors."""
+    """While the adapter is saved (``save_pretrained``, which every process calls under
+    load-time sharding): the sharded factors in ``state_dict()`` gathered into full tensors,
+    so PEFT writes its own format. Any other ``state_dict()`` (a sharded checkpoint) keeps the
+    DTensors."""
     from torch.distributed.tensor import DTensor
 
+    if not _GATHERING.get():
+        return
     for key, value in state_dict.items():
         if key.startswith(prefix) and isinstance(value, DTensor):
             state_dict[key] = value.full_tensor()
@@ -299,4 +308,15 @@ def peft_model_with_sharded_experts(model: Any, peft_config: Any) -> Any:
         raise ConfigError(
             "lora_experts under expert parallelism: PEFT wrapped no expert-parallel expert weight"
         )
+    save_pretrained = peft_model.save_pretrained
+
+    def save_gathered(*args: Any, **kwargs: Any) -> Any:
+        """PEFT's ``save_pretrained`` with the sharded factors gathered (every process)."""
+        token = _GATHERING.set(True)
+        try:
+            return save_pretrained(*args, **kwargs)
+        finally:
+            _GATHERING.reset(token)
+
+    peft_model.save_pretrained = save_gathered
     return peft_model
