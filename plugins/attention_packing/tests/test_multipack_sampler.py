@@ -175,3 +175,97 @@ def test_dataloader_with_padding_free_collator():
     assert total == lengths.sum()
     assert len(loader) == len(sampler)
     assert isinstance(sampler, torch.utils.data.Sampler)
+
+
+# -- planner internals and hard instances -------------------------------------------------
+
+
+def _heap_lpt(sizes, num_bins):
+    """Reference LPT: each item (longest first) to the emptiest bin, ties to the lowest id."""
+    loads = [0] * num_bins
+    out = []
+    for s in sizes:
+        b = min(range(num_bins), key=lambda i: (loads[i], i))
+        out.append(b)
+        loads[b] += int(s)
+    return np.asarray(out)
+
+
+@pytest.mark.parametrize("case", range(12))
+def test_fill_is_exactly_lpt(case):
+    from accel_attention_packing.multipack import _fill
+
+    rng = np.random.default_rng(case)
+    n = int(rng.integers(1, 400))
+    m = int(rng.integers(1, 70))
+    if case == 0:  # a few bins far above the rest: rounds get small, the heap finishes
+        sizes = np.array([500] * (m - 1) + [3] * 300 + [1] * 100)
+    else:  # many ties (small range) or few (wide range)
+        sizes = rng.integers(1, int(rng.choice([3, 20, 1000])), n)
+    sizes = np.sort(sizes)[::-1].astype(np.int64)
+    bin_of, loads = _fill(sizes, m)
+    assert np.array_equal(bin_of, _heap_lpt(sizes, m))
+    assert np.array_equal(loads, np.bincount(bin_of, weights=sizes, minlength=m))
+
+
+def test_repair_trades_bring_every_bin_within_budget():
+    from accel_attention_packing.multipack import _fill, _repair
+
+    sizes = np.sort(_lengths(20_000, seed=4))[::-1]
+    budget = 4096
+    m = -(-int(sizes.sum()) // budget) + 1  # ~5 tokens of room per bin on average
+    bin_of, loads = _fill(sizes, m)
+    lowest = loads.min()
+    assert (loads > budget).sum() > 200  # LPT alone overflows a quarter of the bins
+    assert _repair(sizes, bin_of, loads, budget)
+    assert np.array_equal(loads, np.bincount(bin_of, weights=sizes, minlength=m))
+    assert loads.max() <= budget and loads.min() >= lowest
+
+
+def test_lognormal_200k_64_ranks_needs_the_fewest_steps():
+    """200k lognormal(5, 0.9) lengths, budget 16384, 64 ranks: the tokens need 40.97 steps,
+    so 41 is the fewest any planner that drops nothing can use (99.93% efficiency)."""
+    rng = np.random.default_rng(0)
+    lengths = np.clip(rng.lognormal(5.0, 0.9, 200_000), 16, 1024).astype(np.int64)
+    budget, ranks = 16384, 64
+    plan = plan_epoch(lengths, num_replicas=ranks, max_tokens_per_rank=budget, seed=0)
+    assert plan.num_steps == -(-int(lengths.sum()) // (ranks * budget)) == 41
+    assert plan.efficiency() >= 0.999
+    assert plan.imbalance() <= 1.001
+    assert plan.step_tokens().max() <= budget
+    assert np.array_equal(np.sort(plan.indices), np.arange(lengths.size))  # each exactly once
+    assert plan.num_padding == 0 and plan.dropped.size == 0 and plan.skipped.size == 0
+    assert plan.real_tokens == lengths.sum()
+    again = plan_epoch(lengths, num_replicas=ranks, max_tokens_per_rank=budget, seed=0)
+    assert np.array_equal(again.indices, plan.indices)
+    assert np.array_equal(again.step_bins, plan.step_bins)
+    other = plan_epoch(lengths, num_replicas=ranks, max_tokens_per_rank=budget, seed=0, epoch=1)
+    assert other.num_steps == 41 and not np.array_equal(other.indices, plan.indices)
+
+
+@pytest.mark.parametrize("ranks", [1, 8, 64])
+@pytest.mark.parametrize("budget", [4096, 16384])
+@pytest.mark.parametrize("dist", ["lognormal", "heavy", "uniform"])
+def test_steps_close_to_the_fewest_possible(dist, budget, ranks):
+    rng = np.random.default_rng(11)
+    raw = {
+        "lognormal": lambda: rng.lognormal(5.0, 0.9, 30_000),
+        "heavy": lambda: rng.lognormal(4.0, 1.2, 30_000),
+        "uniform": lambda: rng.integers(16, 1025, 30_000),
+    }[dist]()
+    lengths = np.clip(raw, 16, 1024).astype(np.int64)
+    plan = plan_epoch(lengths, num_replicas=ranks, max_tokens_per_rank=budget, seed=1)
+    fewest = -(-int(lengths.sum()) // (ranks * budget))
+    assert fewest <= plan.num_steps <= fewest + max(1, fewest // 200)
+    assert plan.step_tokens().max() <= budget
+    assert plan.imbalance() <= 1.001
+    assert np.array_equal(np.sort(plan.indices), np.arange(lengths.size))
+
+
+def test_examples_over_half_the_budget_get_a_bin_each():
+    """No trade can help (two examples never share a bin): the guaranteed bound is used."""
+    lengths = np.full(37, 33)
+    plan = plan_epoch(lengths, num_replicas=4, max_tokens_per_rank=64)
+    assert plan.num_steps == 10 and plan.num_padding == 3
+    assert plan.step_tokens().max() <= 64
+    assert sorted(set(plan.indices.tolist())) == list(range(37))
