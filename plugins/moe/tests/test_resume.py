@@ -116,3 +116,76 @@ def test_export_refusals_are_one_line(resumed, tmp_path, capsys):
         err = capsys.readouterr().err
         assert err.startswith("accel: error: ") and message in err and err.count("\n") == 1, err
     assert not (tmp_path / "c").exists()
+
+
+@pytest.mark.parametrize("folder", ["pytorch_model_fsdp_0", "optimizer_0"])
+def test_unfinished_sharded_save_is_skipped_by_auto_resume(resumed, tmp_path, caplog, folder):
+    """DCP writes a folder's .metadata once every process has written its shards: without it,
+    auto-resume falls back to the previous checkpoint."""
+    import logging
+
+    from accel.trainer.checkpoints import resolve_resume
+
+    out = tmp_path / "out"
+    shutil.copytree(resumed["root"] / "ep2" / "full-out", out)
+    assert resolve_resume(None, str(out)) == str(out / "checkpoint-4")
+    (out / "checkpoint-4" / folder / ".metadata").unlink()
+    with caplog.at_level(logging.WARNING, logger="accel"):
+        assert resolve_resume(None, str(out)) == str(out / "checkpoint-2")
+    assert f"{folder}/.metadata is missing" in caplog.text
+
+
+# A hand-written loop (no Trainer) over an EP 2 model: one step's gradients live on the expert
+# mesh, the FSDP mesh and nowhere (plain tensors); torch's clip_grad_norm_ cannot span them.
+_CLIP_WORKER = """
+import json, sys, torch, torch.distributed as dist
+from torch.distributed.tensor import DTensor
+from transformers import AutoModelForCausalLM
+from transformers.distributed import DistributedConfig
+from accel_moe.parallel import clip_grad_norm_
+
+model_dir, out = sys.argv[1], sys.argv[2]
+config = DistributedConfig(fsdp_size=2, ep_size=2, ep_implementation="all_to_all")
+model = AutoModelForCausalLM.from_pretrained(model_dir, distributed_config=config)
+rank = dist.get_rank()
+ids = torch.load(f"{out}/ids.pt")[2 * rank : 2 * rank + 2]
+model(input_ids=ids, labels=ids).loss.backward()
+meshes = {p.grad.device_mesh.mesh_dim_names for p in model.parameters() if isinstance(p.grad, DTensor)}
+try:
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 0.5)
+    torch_error = None
+except Exception as err:  # what a plain loop hits on mixed meshes
+    torch_error = type(err).__name__
+norm = clip_grad_norm_(model.parameters(), 0.5)
+grads = {n: (p.grad.full_tensor() if isinstance(p.grad, DTensor) else p.grad).clone()
+         for n, p in model.named_parameters()}
+torch.save({"norm": norm, "grads": grads, "meshes": sorted(meshes), "torch_error": torch_error},
+           f"{out}/rank{rank}.pt")
+"""
+
+
+def test_hand_written_loop_clips_by_the_global_norm_on_mixed_meshes(tmp_path):
+    """accel_moe.parallel.clip_grad_norm_ on EP 2 (FSDP 2) gradients: the norm and the clipped
+    gradients of one process over the same global batch, on every rank."""
+    from moe_models import save_moe_model
+    from transformers import AutoModelForCausalLM
+
+    save_moe_model(tmp_path / "model", "mixtral", output_router_logits=False)
+    ids = torch.randint(4, 60, (4, 12))
+    torch.save(ids, tmp_path / "ids.pt")
+    (tmp_path / "clip.py").write_text(_CLIP_WORKER)
+    done = torchrun(PORT + 1, str(tmp_path / "clip.py"), str(tmp_path / "model"), str(tmp_path))
+    assert done.returncode == 0, failure(done)
+
+    one = AutoModelForCausalLM.from_pretrained(tmp_path / "model")
+    # each process's loss is the mean over its own (equally many) tokens, FSDP averages them
+    loss = one(input_ids=ids[:2], labels=ids[:2]).loss + one(input_ids=ids[2:], labels=ids[2:]).loss
+    (loss / 2).backward()
+    want = torch.nn.utils.clip_grad_norm_(one.parameters(), 0.5)
+    assert want > 0.5  # the step really clips
+    for rank in records(tmp_path):
+        assert len(rank["meshes"]) >= 2 and rank["torch_error"] is not None
+        torch.testing.assert_close(rank["norm"], want, rtol=1e-5, atol=0)
+        for name, param in one.named_parameters():
+            torch.testing.assert_close(rank["grads"][name], param.grad, rtol=1e-4, atol=1e-7,
+                                       msg=name)  # fmt: skip

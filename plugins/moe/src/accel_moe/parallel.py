@@ -117,3 +117,32 @@ def check_sharded(model: Any, ep_size: int) -> None:
             )
         return
     raise ConfigError(f"--fast_moe {ep_size}: the model has no experts module to shard")
+
+
+def clip_grad_norm_(parameters: Any, max_norm: float, norm_type: float = 2.0) -> Any:
+    """``torch.nn.utils.clip_grad_norm_`` for a hand-written loop over a model sharded at load
+    time. Under expert parallelism the gradients live on several device meshes (experts on the
+    expert mesh, dense weights on the FSDP mesh, PEFT adapters as plain replicated tensors),
+    and torch's function cannot combine norms of DTensors of different meshes. Here each
+    mesh's norm is reduced over its own mesh first; the total, the same on every process, is
+    the norm of all gradients of the whole model, and every gradient is clipped by it (what
+    the Trainer does for such models). Returns the total norm as a plain tensor."""
+    import torch
+    from torch.distributed.tensor import DTensor
+    from torch.nn.utils import clip_grads_with_norm_, get_total_norm
+
+    groups: dict[Any, list[Any]] = {}
+    for param in parameters:
+        if param.grad is not None:
+            mesh = param.grad.device_mesh if isinstance(param.grad, DTensor) else None
+            groups.setdefault(mesh, []).append(param)
+    norms = []
+    for group in groups.values():
+        norm = get_total_norm([p.grad for p in group], norm_type)
+        norms.append(norm.full_tensor() if isinstance(norm, DTensor) else norm)
+    if not norms:
+        return torch.tensor(0.0)
+    total = torch.linalg.vector_norm(torch.stack(norms), norm_type)
+    for group in groups.values():
+        clip_grads_with_norm_(group, max_norm, total)
+    return total
