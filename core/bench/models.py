@@ -189,8 +189,11 @@ def preset_model_type(name: str) -> str | None:
 def num_experts(name: str) -> int | None:
     """The model's expert count (``num_local_experts``, or Qwen-MoE's ``num_experts``);
     None for a dense model. Read without building the model."""
-    if name in PRESETS:
-        cfg = preset_config(name).to_dict()
+    if name in PRESETS:  # from the tables, without importing transformers
+        from ..testing import ARCHITECTURES
+
+        model_type, _, overrides = PRESETS[name]
+        cfg = {**ARCHITECTURES.get(model_type, {}), **overrides}
     else:
         cfg = model_config(name)
     for key in ("num_local_experts", "num_experts"):
