@@ -1,10 +1,11 @@
 """LoRA on attention, experts and router under ``--fast_moe 2`` (2 gloo processes under
 torchrun: transformers' EP 2 with FSDP 2) against one process at the same global batch: the
-same losses and Trainer grad norms; the expert factors sharded like the experts (half of every
-factor per process), the router and attention factors replicated; every factor, gathered, the
-same on both processes and equal to the single run's (the router's only if its gradient was
-reduced across processes); base weights untouched; the saved adapter is a vanilla PEFT adapter
-that loads on the plain HF model in one process and gives the single run's logits."""
+same losses and Trainer grad norms (every step clipped); the expert factors sharded like the
+experts (half of every factor per process), the router and attention factors replicated; every
+factor, gathered, the same on both processes and equal to the single run's (the router's only
+if its gradient was reduced across processes); base weights untouched; the saved adapter is a
+vanilla PEFT adapter that loads on the plain HF model in one process and gives the single
+run's logits."""
 
 from __future__ import annotations
 
@@ -17,8 +18,10 @@ from dist_worker import recording_train
 
 PORT = 29780
 
+# max_grad_norm below the run's grad norms: every step is clipped, by the global norm over the
+# replicated factors and the expert factors sharded on the ep mesh (the Trainer's per-mesh norm)
 LORA = {"peft_method": "lora", "lora_dropout": 0.0, "target_modules": ["q_proj", "v_proj"],
-        "max_steps": 3}  # fmt: skip
+        "max_steps": 3, "max_grad_norm": 0.3}  # fmt: skip
 
 
 def _moe(ep_degree):
@@ -76,6 +79,7 @@ def test_ep2_lora_on_experts_and_router_matches_one_process(lora_runs):
     attention = [n for n in trained if ".self_attn." in n]
     # 2 layers x (gate_up_proj, down_proj) x (A, B); 2 layers x router (A, B); q, v x (A, B)
     assert (len(experts), len(router), len(attention)) == (8, 4, 8)
+    assert min(_history(one, "grad_norm")) > LORA["max_grad_norm"]
     for rank in ranks:
         assert sorted(_lora(rank)) == sorted(trained)
         for name in experts:  # sharded like the experts: half of every factor per process
