@@ -72,6 +72,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run_bench(args: argparse.Namespace, argv: list[str] | None = None) -> int:
     from accel.bench.compare import compare
+    from accel.bench.models import num_experts
     from accel.bench.runner import Matrix
     from accel.bench.scenario import invalid_reasons, load_scenarios
     from accel.bench.store import read_csv
@@ -89,7 +90,8 @@ def run_bench(args: argparse.Namespace, argv: list[str] | None = None) -> int:
         for s in scenarios:
             print(f"{s.name} ({s.experiment}):")
             for e in s.entities:
-                reasons = invalid_reasons(e.values, None)
+                experts = num_experts(str(e.values["model_name"])) if e.values["fast_moe"] else None
+                reasons = invalid_reasons(e.values, experts)
                 state = "invalid: " + "; ".join(reasons) if reasons else "valid"
                 base = " (baseline)" if e.is_baseline else ""
                 print(f"  {e.entity_id}{base}: {e.label(s.varying())} [{state}]")
