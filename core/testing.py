@@ -12,8 +12,8 @@ architecture's):
 2. ``ARCHITECTURES[model_type]``: what every tiny model of that architecture needs (dropout
    off, a few experts instead of eight, the head size that follows from the dimensions).
 3. ``FEATURES[model_type]`` with ``features=True``: the architecture's optional paths switched
-   on (router aux loss, Granite's multipliers, Gemma's soft-cap and tied embeddings), which a
-   patch or kernel has to preserve.
+   on (router aux loss, Granite's multipliers, Gemma's soft-cap and tied embeddings, Phi3's
+   partial rotary, SmolLM3's NoPE layers), which a patch or kernel has to preserve.
 
 Models are built in fp32 from ``torch.manual_seed(seed)``: the same arguments give the same
 weights.
@@ -49,6 +49,8 @@ SIZES: dict[str, dict[str, Any]] = {
 }
 
 _DECODER = {"tie_word_embeddings": False, "attention_dropout": 0.0}
+#: special ids inside a tiny vocabulary, for configs whose defaults (32000, 50279, ...) lie outside
+_SMALL_IDS = {"pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2}
 _EXPERTS = {"num_local_experts": 4, "num_experts_per_tok": 2}
 ARCHITECTURES: dict[str, dict[str, Any]] = {
     "llama": _DECODER,
@@ -61,6 +63,25 @@ ARCHITECTURES: dict[str, dict[str, Any]] = {
     "gemma2": _DECODER,
     "gemma3_text": _DECODER,
     "gemma3": _DECODER,  # the text model; the vision tower is fixed (see _gemma3_config)
+    "phi3": {**_DECODER, "resid_pdrop": 0.0, "embd_pdrop": 0.0, **_SMALL_IDS},
+    "olmo2": {**_DECODER, **_SMALL_IDS},
+    "smollm3": {**_DECODER, **_SMALL_IDS},
+    # Granite 4 dense: attention layers only, no experts (the shared MLP is the dense MLP)
+    "granitemoehybrid": {
+        **_DECODER,
+        **_SMALL_IDS,
+        "num_local_experts": 0,
+        "layer_types": ["attention", "attention"],
+        "position_embedding_type": "rope",
+        "shared_intermediate_size": 128,
+        "mamba_n_heads": 4,  # unused without Mamba layers, but must divide 2 * hidden
+    },
+    "gpt_oss": {
+        **_DECODER,
+        **_EXPERTS,
+        **_SMALL_IDS,
+        "rope_parameters": {"rope_type": "default", "rope_theta": 150000.0},
+    },
     # its default bos/eos (50256) lie outside a tiny vocabulary, which transformers warns about
     "gpt_bigcode": {
         "resid_pdrop": 0.0,
@@ -71,7 +92,7 @@ ARCHITECTURES: dict[str, dict[str, Any]] = {
     },
 }
 #: configs whose head_dim defaults to a constant (128, 256) instead of hidden / heads
-_EXPLICIT_HEAD_DIM = {"qwen3", "gemma2", "gemma3_text", "gemma3"}
+_EXPLICIT_HEAD_DIM = {"qwen3", "gemma2", "gemma3_text", "gemma3", "gpt_oss"}
 #: GPTBigCode's names for the size keys; the others (intermediate, kv heads) do not apply
 _GPT_BIGCODE_NAMES = {
     "vocab_size": "vocab_size",
@@ -90,6 +111,10 @@ FEATURES: dict[str, dict[str, Any]] = {
     "gemma2": _SOFTCAP,
     "gemma3_text": _SOFTCAP,
     "gemma3": {"tie_word_embeddings": True},
+    "phi3": {"partial_rotary_factor": 0.5},
+    "smollm3": {"no_rope_layer_interval": 2},  # layer 1 has no rotary embedding (NoPE)
+    "granitemoehybrid": {"logits_scaling": 4.0, "residual_multiplier": 0.5},
+    "gpt_oss": {"output_router_logits": True},
 }
 
 #: every architecture the builder knows

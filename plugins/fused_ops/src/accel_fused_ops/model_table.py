@@ -1,18 +1,20 @@
-"""The feature x model table of the README, generated from the data the rules use.
+"""The README's feature and model tables, generated from the feature records and the support
+table.
 
-``python -m accel_fused_ops.model_table`` prints it; ``--write README.md`` replaces the block
+``python -m accel_fused_ops.model_table`` prints them; ``--write README.md`` replaces the block
 between the markers in that file. A test checks that the README holds exactly this text, so
-the table cannot drift from ``support.FEATURES`` and ``rules.RULE_NAMES``.
+the tables cannot drift from ``features.FEATURES`` and ``support.ARCHITECTURES``.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
-from .rules import RULE_NAMES
-from .support import ALL_MODEL_TYPES, FEATURES
+from .features import FEATURE_BY_NAME
+from .support import ARCHITECTURES
 
 START = "<!-- model-table:start (generated: python -m accel_fused_ops.model_table) -->"
 END = "<!-- model-table:end -->"
@@ -24,20 +26,21 @@ def markdown() -> str:
     """The rules table (feature, rules, what they patch) and the feature x model table."""
     lines = ["| feature | patch rule(s) | what is patched |", "|---|---|---|"]
     for name in COLUMNS:
-        rules = ", ".join(f"`{r}`" for r in RULE_NAMES[name])
-        lines.append(f"| `{name}` | {rules} | {FEATURES[name].patches} |")
+        feature = FEATURE_BY_NAME[name]
+        rules = ", ".join(f"`{r}`" for r in feature.rule_names)
+        lines.append(f"| `{name}` | {rules} | {feature.patches} |")
     lines += ["", "| model_type | " + " | ".join(f"`{c}`" for c in COLUMNS) + " |"]
     lines.append("|---" * (len(COLUMNS) + 1) + "|")
     notes: list[str] = []
-    for model_type in ALL_MODEL_TYPES:
+    for model_type, arch in ARCHITECTURES.items():
         cells = []
         for name in COLUMNS:
-            feature = FEATURES[name]
-            if model_type in feature.model_types:
-                cells.append("yes")
-                continue
-            notes.append(f"{model_type} / {name}: {feature.excluded[model_type]}")
-            cells.append(f"no ({len(notes)})")
+            support = arch.support(name)
+            text = support.note if support.supported else support.reason
+            if text:
+                notes.append(f"{model_type} / {name}: {text}")
+            mark = "yes" if support.supported else "no"
+            cells.append(f"{mark} ({len(notes)})" if text else mark)
         lines.append(f"| `{model_type}` | " + " | ".join(cells) + " |")
     lines.append("")
     lines += [f"({i}) {note}  " for i, note in enumerate(notes, 1)]
@@ -68,7 +71,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.write is None:
         sys.stdout.write(table)
         return 0
-    args.write.write_text(replace_block(args.write.read_text(), table))
+    text = replace_block(args.write.read_text(), table)
+    tmp = args.write.with_name(f".{args.write.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, args.write)
     return 0
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from functools import reduce
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from accel import AccelerationPlugin, Flag, PatchRule, hook
 
@@ -40,7 +40,7 @@ class FusedOpsPlugin(AccelerationPlugin):
     )
     # peft's quantization plugins (when installed) must put the adapters in place first
     after = ("auto_gptq", "bitsandbytes")
-    #: the union over features; each feature checks its own list (``support.FEATURES``)
+    #: every architecture of the support table; each feature checks its own entry there
     model_types = ALL_MODEL_TYPES
 
     def __init__(self, configs: dict[str, FusedOpsConfig]) -> None:
@@ -52,19 +52,45 @@ class FusedOpsPlugin(AccelerationPlugin):
     def augment_model(
         self, model: PreTrainedModel, train_args: TrainingArguments, peft_config: PeftConfig | None
     ) -> tuple[PreTrainedModel, PeftConfig | None]:
-        """Refuse settings the fused loss would silently bypass, before training starts."""
-        smoothing = getattr(train_args, "label_smoothing_factor", 0.0)
-        if self.settings.loss_mode is not None and smoothing:
-            from accel.errors import ConfigError
+        """Move ``--label_smoothing_factor`` into the fused loss.
 
-            # transformers' Trainer then pops the labels and smooths the model's logits
-            # itself: the fused loss never runs (and fused-linear mode returns no logits).
-            raise ConfigError(
-                f"--label_smoothing_factor {smoothing} cannot be combined with the fused loss "
-                f"(fast_loss={self.settings.fast_loss!r}): set --label_smoothing_factor 0 or "
-                "turn the fused loss off (--fast_kernels False ...)"
-            )
+        transformers' Trainer would pop the labels and smooth the model's logits itself, so
+        the fused loss would never run (and fused-linear mode returns no logits). Instead the
+        factor becomes the fused loss's ``label_smoothing`` (the same loss: torch's smoothing,
+        normalised by ``num_items_in_batch`` as the Trainer's smoother is), the argument is 0
+        while the Trainer is built (no label smoother) and restored in :meth:`callbacks`.
+        """
+        smoothing = float(getattr(train_args, "label_smoothing_factor", 0.0) or 0.0)
+        if self.settings.loss_mode is not None and smoothing:
+            import dataclasses
+
+            configured = self.settings.label_smoothing
+            if configured not in (0.0, smoothing):
+                from accel.errors import ConfigError
+
+                raise ConfigError(
+                    f"--label_smoothing_factor {smoothing} and fused_ops_and_kernels."
+                    f"label_smoothing {configured} disagree; give one of them"
+                )
+            self.settings = dataclasses.replace(self.settings, label_smoothing=smoothing)
+            self._restore_smoothing = (train_args, smoothing)
+            train_args.label_smoothing_factor = 0.0
         return model, peft_config
+
+    @hook
+    def callbacks(self, model: PreTrainedModel | PeftModel, accelerator: Any) -> Sequence[Any]:
+        """Log token_accuracy / z_loss when asked for; the Trainer now exists, so the
+        label-smoothing argument taken over in :meth:`augment_model` is put back."""
+        restore = getattr(self, "_restore_smoothing", None)
+        if restore is not None:
+            train_args, smoothing = restore
+            train_args.label_smoothing_factor = smoothing
+            self._restore_smoothing = None
+        if not (self.settings.token_accuracy or self.settings.z_loss):
+            return []
+        from .loss import metrics_callback
+
+        return [metrics_callback(model, accelerator)]
 
     @hook
     def patch_rules(self, model: PreTrainedModel | PeftModel) -> Sequence[PatchRule]:
@@ -74,15 +100,11 @@ class FusedOpsPlugin(AccelerationPlugin):
 
     @hook
     def report_lines(self) -> Sequence[str]:
-        from .rules import requested_features
+        from .features import requested
 
-        features = requested_features(self.settings)
-        lines = [f"features: {', '.join(features) if features else '(none)'}"]
-        if "fast_loss" in features:
-            lines.append(f"loss: {self.settings.loss_mode}")
-        if "fast_rope_embeddings" in features:
-            lines.append(
-                "rope: apply_rotary_pos_emb is replaced in the modeling file, so every model of "
-                "that architecture in this process uses it until the patch is reverted"
-            )
+        features = requested(self.settings)
+        names = ", ".join(f.name for f in features)
+        lines = [f"features: {names or '(none)'}"]
+        for feature in sorted(features, key=lambda f: f.name != "fast_loss"):  # loss line first
+            lines += feature.report(self.settings)
         return lines

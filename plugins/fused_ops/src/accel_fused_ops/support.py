@@ -1,122 +1,242 @@
-"""Which architectures each feature supports, as data: the rules and the README table read it.
+"""The per-architecture support table: for every model type, every feature is Supported or
+Unsupported with the reason, and the module classes the feature's rules act on.
 
-An architecture is listed for a feature only when a model-level test trains a tiny model of
-that type with the feature on and off and finds the same losses (``tests/test_models.py``).
-The module classes are listed by name because transformers copies each block into every
-modeling file; ``checks`` in the rules verify at patch time that a listed class still
-computes what the fused op assumes.
+One table serves the plugin's architecture gate (``FusedOpsPlugin.model_types``), the
+per-feature check and its error message (``rules.check_supported``) and the README table
+(``model_table``). An architecture is Supported for a feature only when a model-level test
+trains a tiny model of that type with the feature on and off and finds the same losses
+(``tests/test_models.py``). Module classes are listed by name because transformers copies
+each block into every modeling file; at patch time the integration layer verifies that a
+listed class still computes what the fused op assumes (bytecode checks), so a changed
+transformers release is refused instead of silently mis-fused.
+
+Pure data: importing it loads neither torch nor transformers.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 
-#: model types with RMSNorm, RoPE attention and a causal-LM head (the common core)
-_ROPE_RMSNORM_TYPES = (
-    "llama",
-    "mistral",
-    "mixtral",
-    "granite",
-    "granitemoe",
-    "qwen2",
-    "qwen3",
-    "gemma2",
-    "gemma3",
-    "gemma3_text",
+#: the plugin's features (config switches), in the order ``features.FEATURES`` applies them
+FEATURE_NAMES = (
+    "fused_lora",
+    "fast_rms_layernorm",
+    "fast_swiglu",
+    "fast_rope_embeddings",
+    "fast_loss",
 )
-#: of those, the ones whose MLP is one dense gated block per layer (the MoE models keep their
-#: experts in fused 3-D tensors, computed inside the experts module)
-_GATED_MLP_TYPES = (
-    "llama",
-    "mistral",
-    "granite",
-    "qwen2",
-    "qwen3",
-    "gemma2",
-    "gemma3",
-    "gemma3_text",
-)
-ALL_MODEL_TYPES = (*_ROPE_RMSNORM_TYPES, "gpt_bigcode")
 
 
 @dataclass(frozen=True)
-class Feature:
-    """One config switch of the plugin and the architectures its rules can patch."""
+class Supported:
+    """The feature's rules patch this architecture (tested at model level)."""
 
-    name: str
-    #: what is replaced, in a few words (README table legend)
-    patches: str
-    model_types: tuple[str, ...]
-    #: why an architecture is missing, for the error message and the README
-    excluded: dict[str, str]
+    note: str = ""
+    supported = True
 
 
-FEATURES: dict[str, Feature] = {
-    f.name: f
-    for f in (
-        Feature(
-            "fast_loss",
-            "the model's `loss_function` (cross-entropy or fused linear cross-entropy)",
-            ALL_MODEL_TYPES,
-            {},
+@dataclass(frozen=True)
+class Unsupported:
+    """The feature cannot patch this architecture, and why (shown to the user)."""
+
+    reason: str
+    supported = False
+
+
+Support = Supported | Unsupported
+
+
+@dataclass(frozen=True)
+class Architecture:
+    """One ``config.model_type``: what its modules are and what each feature does with them."""
+
+    model_type: str
+    #: RMSNorm class -> its family in ``integration.norms.FAMILIES`` (eps attribute, offset,
+    #: casting mode)
+    norms: Mapping[str, str] = field(default_factory=dict)
+    #: gated MLP class -> its forward's form in ``integration.mlp.FORMS``
+    mlps: Mapping[str, str] = field(default_factory=dict)
+    #: causal-LM class -> what it does to the lm_head output before the loss: "none",
+    #: "scale" (divides by ``config.logits_scaling``) or "softcap" (``final_logit_softcapping``)
+    heads: Mapping[str, str] = field(default_factory=dict)
+    #: feature -> Supported / Unsupported (every name of FEATURE_NAMES)
+    features: Mapping[str, Support] = field(default_factory=dict)
+
+    def support(self, feature: str) -> Support:
+        return self.features[feature]
+
+
+def _arch(
+    model_type: str,
+    *,
+    norms: Mapping[str, str] = (),
+    mlps: Mapping[str, str] = (),
+    heads: Mapping[str, str],
+    unsupported: Mapping[str, str] = (),
+    notes: Mapping[str, str] = (),
+) -> Architecture:
+    unsupported, notes = dict(unsupported), dict(notes)
+    features = {
+        name: Unsupported(unsupported[name])
+        if name in unsupported
+        else Supported(notes.get(name, ""))
+        for name in FEATURE_NAMES
+    }
+    return Architecture(model_type, dict(norms), dict(mlps), dict(heads), features)
+
+
+_EXPERTS = "experts are fused 3-D tensors inside {}, not gated MLP modules"
+
+ARCHITECTURES: dict[str, Architecture] = {
+    a.model_type: a
+    for a in (
+        _arch(
+            "llama",
+            norms={"LlamaRMSNorm": "llama"},
+            mlps={"LlamaMLP": "gate_up_down"},
+            heads={"LlamaForCausalLM": "none"},
         ),
-        Feature(
-            "fast_rms_layernorm",
-            "`forward` of every RMSNorm module",
-            _ROPE_RMSNORM_TYPES,
-            {"gpt_bigcode": "uses LayerNorm, not RMSNorm"},
+        _arch(
+            "mistral",
+            norms={"MistralRMSNorm": "llama"},
+            mlps={"MistralMLP": "gate_up_down"},
+            heads={"MistralForCausalLM": "none"},
         ),
-        Feature(
-            "fast_rope_embeddings",
-            "`apply_rotary_pos_emb` of the attention modules' modeling file",
-            _ROPE_RMSNORM_TYPES,
-            {"gpt_bigcode": "has learned absolute positions, no rotary embedding"},
+        _arch(
+            "mixtral",
+            norms={"MixtralRMSNorm": "llama"},
+            heads={"MixtralForCausalLM": "none"},
+            unsupported={"fast_swiglu": _EXPERTS.format("MixtralExperts")},
         ),
-        Feature(
-            "fast_swiglu",
-            "`forward` of every gated MLP (`down(act(gate(x)) * up(x))`)",
-            _GATED_MLP_TYPES,
-            {
-                "mixtral": "experts are fused 3-D tensors inside MixtralExperts, not gated MLP "
-                "modules",
-                "granitemoe": "experts are fused 3-D tensors inside GraniteMoeExperts, not gated "
-                "MLP modules",
-                "gpt_bigcode": "the MLP is not gated (c_fc -> gelu -> c_proj)",
+        _arch(
+            "granite",
+            norms={"GraniteRMSNorm": "llama"},
+            mlps={"GraniteMLP": "gate_up_down"},
+            heads={"GraniteForCausalLM": "scale"},
+        ),
+        _arch(
+            "granitemoe",
+            norms={"GraniteMoeRMSNorm": "llama"},
+            heads={"GraniteMoeForCausalLM": "scale"},
+            unsupported={"fast_swiglu": _EXPERTS.format("GraniteMoeExperts")},
+        ),
+        _arch(
+            "granitemoehybrid",
+            norms={"GraniteMoeHybridRMSNorm": "llama"},
+            mlps={"GraniteMoeHybridMLP": "fused_gate_up_io"},
+            heads={"GraniteMoeHybridForCausalLM": "scale"},
+            notes={
+                "fast_swiglu": "the dense (shared) MLP; MoE experts, when present, stay unfused",
+                "fast_rms_layernorm": "the block norms; Mamba layers' gated norm stays unfused",
             },
         ),
-        Feature(
-            "fused_lora",
-            "`forward` of every PEFT LoRA linear layer",
-            ALL_MODEL_TYPES,
-            {},
+        _arch(
+            "qwen2",
+            norms={"Qwen2RMSNorm": "llama"},
+            mlps={"Qwen2MLP": "gate_up_down"},
+            heads={"Qwen2ForCausalLM": "none"},
+        ),
+        _arch(
+            "qwen3",
+            norms={"Qwen3RMSNorm": "llama"},
+            mlps={"Qwen3MLP": "gate_up_down"},
+            heads={"Qwen3ForCausalLM": "none"},
+        ),
+        _arch(
+            "phi3",
+            norms={"Phi3RMSNorm": "llama"},
+            mlps={"Phi3MLP": "fused_gate_up"},
+            heads={"Phi3ForCausalLM": "none"},
+            notes={"fast_rope_embeddings": "partial rotary (rotary_dim < head_dim) included"},
+        ),
+        _arch(
+            "olmo2",
+            norms={"Olmo2RMSNorm": "olmo"},
+            mlps={"Olmo2MLP": "gate_up_down"},
+            heads={"Olmo2ForCausalLM": "none"},
+            unsupported={
+                "fast_rope_embeddings": "its apply_rotary_pos_emb rotates in the cos/sin dtype "
+                "and casts back to q/k's, which the fused function does not do"
+            },
+        ),
+        _arch(
+            "smollm3",
+            norms={"SmolLM3RMSNorm": "llama"},
+            mlps={"SmolLM3MLP": "gate_up_down"},
+            heads={"SmolLM3ForCausalLM": "none"},
+            notes={"fast_rope_embeddings": "the NoPE layers call no rotary embedding"},
+        ),
+        _arch(
+            "gemma2",
+            norms={"Gemma2RMSNorm": "gemma"},
+            mlps={"Gemma2MLP": "gate_up_down"},
+            heads={"Gemma2ForCausalLM": "softcap"},
+        ),
+        _arch(
+            "gemma3",
+            norms={"Gemma3RMSNorm": "gemma"},
+            mlps={"Gemma3MLP": "gate_up_down"},
+            heads={"Gemma3ForConditionalGeneration": "none"},
+        ),
+        _arch(
+            "gemma3_text",
+            norms={"Gemma3RMSNorm": "gemma"},
+            mlps={"Gemma3MLP": "gate_up_down"},
+            heads={"Gemma3ForCausalLM": "softcap"},
+        ),
+        _arch(
+            "gpt_oss",
+            norms={"GptOssRMSNorm": "olmo"},
+            heads={"GptOssForCausalLM": "none"},
+            unsupported={
+                "fast_swiglu": "experts are fused 3-D tensors inside GptOssExperts with a "
+                "clamped, alpha-scaled SwiGLU, not gated MLP modules",
+                "fast_rope_embeddings": "its rotary embedding takes half-width cos/sin and "
+                "rotates the two halves itself (not the rotate_half function)",
+            },
+        ),
+        _arch(
+            "gpt_bigcode",
+            heads={"GPTBigCodeForCausalLM": "none"},
+            unsupported={
+                "fast_rms_layernorm": "uses LayerNorm, not RMSNorm",
+                "fast_rope_embeddings": "has learned absolute positions, no rotary embedding",
+                "fast_swiglu": "the MLP is not gated (c_fc -> gelu -> c_proj)",
+            },
         ),
     )
 }
 
-#: gated MLP classes whose forward is ``down_proj(act_fn(gate_proj(x)) * up_proj(x))``
-GATED_MLP_CLASSES = (
-    "LlamaMLP",
-    "MistralMLP",
-    "Qwen2MLP",
-    "Qwen3MLP",
-    "GraniteMLP",
-    "Gemma2MLP",
-    "Gemma3MLP",
-)
+#: every model type the plugin accepts (some feature supports it)
+ALL_MODEL_TYPES = tuple(ARCHITECTURES)
 
-#: what each causal-LM class does to the lm_head output before ``loss_function``:
-#: "none"; "scale" (divides by ``config.logits_scaling``: linear, commutes with the head);
-#: "softcap" (``cap * tanh(logits / cap)`` with ``config.final_logit_softcapping``)
-CAUSAL_LM_HEADS = {
-    "LlamaForCausalLM": "none",
-    "MistralForCausalLM": "none",
-    "MixtralForCausalLM": "none",
-    "Qwen2ForCausalLM": "none",
-    "Qwen3ForCausalLM": "none",
-    "GPTBigCodeForCausalLM": "none",
-    "Gemma3ForConditionalGeneration": "none",
-    "GraniteForCausalLM": "scale",
-    "GraniteMoeForCausalLM": "scale",
-    "Gemma2ForCausalLM": "softcap",
-    "Gemma3ForCausalLM": "softcap",
-}
+
+def supported_types(feature: str) -> tuple[str, ...]:
+    """The model types whose table entry says Supported for ``feature``."""
+    return tuple(t for t, a in ARCHITECTURES.items() if a.support(feature).supported)
+
+
+def support_of(model_type: str | None, feature: str) -> Support:
+    """``feature``'s entry for ``model_type``; Unsupported for a type missing from the table."""
+    arch = ARCHITECTURES.get(model_type or "")
+    if arch is None:
+        return Unsupported("this architecture is not in the support table (not verified)")
+    return arch.support(feature)
+
+
+def _union(attr: str) -> dict[str, str]:
+    merged: dict[str, str] = {}
+    for arch in ARCHITECTURES.values():
+        merged.update(getattr(arch, attr))
+    return merged
+
+
+#: every RMSNorm class of a listed architecture -> its family
+NORM_CLASSES = _union("norms")
+#: every gated MLP class -> its form
+MLP_CLASSES = _union("mlps")
+#: every causal-LM class -> its logits transform
+CAUSAL_LM_HEADS = _union("heads")
+#: the gated MLP classes fast_swiglu patches (kept under its old name for callers)
+GATED_MLP_CLASSES = tuple(MLP_CLASSES)

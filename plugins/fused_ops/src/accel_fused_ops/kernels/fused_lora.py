@@ -26,12 +26,11 @@ mask as PEFT's ``nn.Dropout``. Under autocast every matmul runs in the autocast 
 PEFT's modules would; the Function then computes with autocast switched off and explicit
 dtypes, so forward and backward agree.
 
-Entry points for PEFT models: ``can_fuse(module)`` (None or the reason why not),
-``fused_lora_forward(module, x)`` (drop-in for a LoRA module's forward) and
-``fused_lora_qkv_forward(q, k, v, x)`` (several projections of one input in one Function).
-Patch instances (``module.forward = partial(fused_lora_forward, module)``), not classes:
-when a module is in a state the fused op does not cover (adapters disabled or merged at run
-time, ``adapter_names`` batches), ``fused_lora_forward`` calls the class's own forward.
+Public ops: :func:`fused_lora_linear` (one projection) and :func:`fused_lora_multi` (several
+projections of one input in one Function: ``x`` saved once, input gradients summed inside
+backward). The reference is the unfused composition, :func:`fused_lora_reference`. Nothing here
+knows PEFT: reading a PEFT LoRA layer (``can_fuse``, ``fused_lora_forward``) is model glue in
+``accel_fused_ops.integration.lora``.
 """
 
 from __future__ import annotations
@@ -43,7 +42,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from accel_fused_ops.kernels.dequant import FrozenWeight, frozen_weight, unsupported_reason
+from accel_fused_ops.kernels.dequant import FrozenWeight, frozen_weight
 
 # --------------------------------------------------------------------------- the Function
 
@@ -270,128 +269,17 @@ def fused_lora_linear(
     return y
 
 
-# --------------------------------------------------------------------------- PEFT modules
-
-
-def _lora_layer_types() -> tuple[type, ...]:
-    """PEFT LoRA layer classes whose forward the fused op reproduces."""
-    from peft.tuners.lora.gptq import GPTQLoraLinear
-    from peft.tuners.lora.layer import Linear
-
-    types: list[type] = [Linear, GPTQLoraLinear]
-    try:
-        from peft.tuners.lora.bnb import Linear4bit
-    except ImportError:  # bitsandbytes not installed: peft does not define the class
-        pass
-    else:
-        types.append(Linear4bit)
-    return tuple(types)
-
-
-def _active_adapter(lora_module: nn.Module) -> tuple[str | None, str | None]:
-    """(adapter name, None) for a single active LoRA adapter, else (None, reason)."""
-    active = [a for a in lora_module.active_adapters if a in lora_module.lora_A]
-    if len(active) != 1:
-        return None, (
-            f"{len(active)} active LoRA adapters on this layer ({active}); the fused op "
-            "handles exactly one"
-        )
-    return active[0], None
-
-
-def can_fuse(lora_module: nn.Module) -> str | None:
-    """None when ``fused_lora_forward`` reproduces ``lora_module``'s forward, else the reason.
-
-    ``lora_module`` is a PEFT LoRA layer: ``peft.tuners.lora.layer.Linear``, the bitsandbytes
-    ``Linear4bit`` LoRA layer or ``GPTQLoraLinear``. Checked: layer type, disabled or merged
-    adapters, exactly one active adapter, DoRA and other LoRA variants, ``lora_bias``,
-    dropout module type, ``fan_in_fan_out`` and the base layer type (``dequant``).
-    """
-    from peft.tuners.lora.layer import LoraLayer
-
-    kind = type(lora_module).__name__
-    if not isinstance(lora_module, LoraLayer):
-        return f"{type(lora_module).__module__}.{kind} is not a PEFT LoraLayer"
-    if not isinstance(lora_module, _lora_layer_types()):
-        return f"LoRA layer type {kind} is not supported (only Linear, Linear4bit, GPTQLoraLinear)"
-    if lora_module.disable_adapters:
-        return "the adapters of this layer are disabled"
-    if lora_module.merged_adapters:
-        return f"adapters {lora_module.merged_adapters} are merged into the base weight"
-    name, reason = _active_adapter(lora_module)
-    if reason is not None:
-        return reason
-    if lora_module.use_dora.get(name, False):
-        return f"adapter {name!r} uses DoRA (use_dora=True), which the fused op does not implement"
-    if name in lora_module.lora_variant:
-        variant = type(lora_module.lora_variant[name]).__name__
-        return f"adapter {name!r} is a LoRA variant ({variant}), not plain LoRA"
-    if lora_module.lora_bias.get(name, False):
-        return f"adapter {name!r} has lora_bias=True (a bias on lora_B)"
-    dropout = lora_module.lora_dropout[name]
-    if type(dropout) not in (nn.Dropout, nn.Identity):
-        return (
-            f"adapter {name!r} uses dropout module {type(dropout).__name__}; only nn.Dropout "
-            "and nn.Identity are supported"
-        )
-    if getattr(lora_module, "fan_in_fan_out", False):
-        return "the base layer stores its weight transposed (fan_in_fan_out=True)"
-    lora_a, lora_b = lora_module.lora_A[name], lora_module.lora_B[name]
-    if type(lora_a) is not nn.Linear or type(lora_b) is not nn.Linear or lora_a.bias is not None:
-        return f"adapter {name!r} has lora_A/lora_B modules other than bias-free nn.Linear"
-    return unsupported_reason(lora_module.get_base_layer())
-
-
-def lora_projection(lora_module: nn.Module) -> LoraProjection:
-    """The active adapter of a fusable PEFT LoRA layer as a ``LoraProjection``.
-
-    Dropout counts only while the dropout module is in training mode. Raises ValueError with
-    the reason when ``can_fuse`` would refuse the layer.
-    """
-    reason = can_fuse(lora_module)
-    if reason is not None:
-        raise ValueError(f"cannot fuse {type(lora_module).__name__}: {reason}")
-    return _projection(lora_module)
-
-
-def _projection(lora_module: nn.Module) -> LoraProjection:
-    """``lora_projection`` for a layer ``can_fuse`` has just accepted (no second check)."""
-    name, _ = _active_adapter(lora_module)
-    dropout = lora_module.lora_dropout[name]
-    p = dropout.p if isinstance(dropout, nn.Dropout) and dropout.training else 0.0
-    return LoraProjection(
-        base=frozen_weight(lora_module.get_base_layer(), checked=True),
-        lora_A=lora_module.lora_A[name].weight,
-        lora_B=lora_module.lora_B[name].weight,
-        scaling=lora_module.scaling[name],
-        dropout_p=p,
-    )
-
-
-def fused_lora_forward(lora_module: nn.Module, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-    """Drop-in replacement for a PEFT LoRA layer's ``forward``.
-
-    Falls back to the layer class's own forward when extra arguments are passed (e.g.
-    ``adapter_names``) or ``can_fuse`` refuses the layer in its current state (adapters
-    disabled or merged at run time), so it is safe to install once and leave in place.
-    """
-    if args or kwargs or can_fuse(lora_module) is not None:
-        return type(lora_module).forward(lora_module, x, *args, **kwargs)
-    (y,) = fused_lora_multi(x, [_projection(lora_module)])
-    return y
-
-
-def fused_lora_qkv_forward(
-    q_proj: nn.Module, k_proj: nn.Module, v_proj: nn.Module, x: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """q, k and v projections of the same hidden states ``x`` in one autograd Function.
-
-    One saved ``x`` instead of three, and one input gradient summed inside backward. When any
-    of the three is not fusable right now (see ``can_fuse``), each runs through
-    ``fused_lora_forward`` on its own instead, which fuses the ones it can.
-    """
-    modules = (q_proj, k_proj, v_proj)
-    if any(can_fuse(m) is not None for m in modules):
-        return tuple(fused_lora_forward(m, x) for m in modules)
-    q, k, v = fused_lora_multi(x, [_projection(m) for m in modules])
-    return q, k, v
+def fused_lora_reference(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    scaling: float,
+    dropout_mask: torch.Tensor | None = None,
+    dropout_p: float = 0.0,
+) -> torch.Tensor:
+    """The unfused LoRA linear (autograd differentiates it): ``x @ W^T + b + scaling *
+    ((x * mask / (1 - p)) @ A^T) @ B^T`` with a dense ``weight``; the oracle of the Function."""
+    x_lora = x if dropout_mask is None else x * dropout_mask * _dropout_scale(dropout_p)
+    return F.linear(x, weight, bias) + scaling * F.linear(F.linear(x_lora, lora_A), lora_B)

@@ -5,8 +5,15 @@ This is the ``act_fn(gate_proj(x)) * up_proj(x)`` product of Llama/Mistral/Qwen/
 only the product, backward recomputes the activation from ``gate`` (only ``gate`` and ``up``
 are saved, both of which the projections' own backward keeps alive anyway).
 
-Three parts: a Triton kernel pair (fp32 inside, cast on store), a pure-PyTorch version (CPU
-path, test oracle) and an autograd Function with a hand-written backward.
+Multipliers (Falcon-H1's ``mlp_multipliers``): ``act(gate * gate_multiplier) * up *
+out_multiplier``. ``gate * gate_multiplier`` is rounded to the input dtype before the
+activation, as the model's own product is; ``out_multiplier`` scales the product, which equals
+scaling the output of a bias-free ``down_proj`` (Falcon-H1's ``down_multiplier``).
+
+Four parts: a Triton kernel pair (fp32 inside, cast on store), the PyTorch reference
+(:func:`gated_activation_reference`: CPU path, test oracle), an autograd Function with a
+hand-written backward and the public ops. Which activation a module computes is model glue:
+``accel_fused_ops.integration.mlp``.
 """
 
 from __future__ import annotations
@@ -17,11 +24,10 @@ import torch
 import triton
 import triton.language as tl
 
-from accel_fused_ops.dispatch import choose_impl
+from accel_fused_ops.dispatch import as_rows, pick_impl
 
 KINDS = ("swiglu", "geglu")
 APPROXIMATIONS = ("tanh", "none")
-_TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _BLOCK = 1024
 _SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
 _INV_SQRT_2 = 1.0 / math.sqrt(2.0)
@@ -77,16 +83,20 @@ def _gated_fwd_kernel(
     n_cols,
     gate_row_stride,
     up_row_stride,
+    gate_mul,
+    out_mul,
     ACT: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
     idx = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = idx < n_elements
     row, col = idx // n_cols, idx % n_cols
-    g = tl.load(gate_ptr + row * gate_row_stride + col, mask=mask, other=0.0).to(tl.float32)
+    g = tl.load(gate_ptr + row * gate_row_stride + col, mask=mask, other=0.0)
+    # the model rounds gate * multiplier to its dtype (exact when the multiplier is 1)
+    g = (g.to(tl.float32) * gate_mul).to(gate_ptr.dtype.element_ty).to(tl.float32)
     u = tl.load(up_ptr + row * up_row_stride + col, mask=mask, other=0.0).to(tl.float32)
     act = _activation(g, ACT)
-    tl.store(out_ptr + idx, (act * u).to(out_ptr.dtype.element_ty), mask=mask)
+    tl.store(out_ptr + idx, (act * u * out_mul).to(out_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -100,42 +110,57 @@ def _gated_bwd_kernel(
     n_cols,
     gate_row_stride,
     up_row_stride,
+    gate_mul,
+    out_mul,
     ACT: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
     idx = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = idx < n_elements
     row, col = idx // n_cols, idx % n_cols
-    dy = tl.load(dy_ptr + idx, mask=mask, other=0.0).to(tl.float32)
-    g = tl.load(gate_ptr + row * gate_row_stride + col, mask=mask, other=0.0).to(tl.float32)
+    dy = tl.load(dy_ptr + idx, mask=mask, other=0.0).to(tl.float32) * out_mul
+    g = tl.load(gate_ptr + row * gate_row_stride + col, mask=mask, other=0.0)
+    g = (g.to(tl.float32) * gate_mul).to(gate_ptr.dtype.element_ty).to(tl.float32)
     u = tl.load(up_ptr + row * up_row_stride + col, mask=mask, other=0.0).to(tl.float32)
     act, grad = _activation_with_grad(g, ACT)
-    tl.store(dgate_ptr + idx, (dy * u * grad).to(dgate_ptr.dtype.element_ty), mask=mask)
+    dgate = dy * u * grad * gate_mul
+    tl.store(dgate_ptr + idx, dgate.to(dgate_ptr.dtype.element_ty), mask=mask)
     tl.store(dup_ptr + idx, (dy * act).to(dup_ptr.dtype.element_ty), mask=mask)
 
 
-def _rows(t: torch.Tensor) -> torch.Tensor:
-    """(N, C) view with unit column stride (a view for slices of a fused gate_up output)."""
-    t2d = t.reshape(-1, t.shape[-1])
-    return t2d if t2d.stride(-1) == 1 else t2d.contiguous()
-
-
-def _triton_forward(gate: torch.Tensor, up: torch.Tensor, act: int) -> torch.Tensor:
-    g2d, u2d = _rows(gate), _rows(up)
+def _triton_forward(
+    gate: torch.Tensor, up: torch.Tensor, act: int, gate_mul: float, out_mul: float
+) -> torch.Tensor:
+    g2d, u2d = as_rows(gate), as_rows(up)
     out = torch.empty(gate.shape, dtype=gate.dtype, device=gate.device)
     n = out.numel()
     if n == 0:
         return out
     _gated_fwd_kernel[(triton.cdiv(n, _BLOCK),)](
-        g2d, u2d, out, n, gate.shape[-1], g2d.stride(0), u2d.stride(0), ACT=act, BLOCK=_BLOCK
+        g2d,
+        u2d,
+        out,
+        n,
+        gate.shape[-1],
+        g2d.stride(0),
+        u2d.stride(0),
+        gate_mul,
+        out_mul,
+        ACT=act,
+        BLOCK=_BLOCK,
     )
     return out
 
 
 def _triton_backward(
-    dy: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, act: int
+    dy: torch.Tensor,
+    gate: torch.Tensor,
+    up: torch.Tensor,
+    act: int,
+    gate_mul: float,
+    out_mul: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    g2d, u2d = _rows(gate), _rows(up)
+    g2d, u2d = as_rows(gate), as_rows(up)
     dy = dy.contiguous()
     dgate = torch.empty(gate.shape, dtype=gate.dtype, device=gate.device)
     dup = torch.empty(up.shape, dtype=up.dtype, device=up.device)
@@ -152,6 +177,8 @@ def _triton_backward(
         gate.shape[-1],
         g2d.stride(0),
         u2d.stride(0),
+        gate_mul,
+        out_mul,
         ACT=act,
         BLOCK=_BLOCK,
     )
@@ -175,27 +202,48 @@ def _torch_activation_and_grad(g: torch.Tensor, act: int) -> tuple[torch.Tensor,
 
 
 def _torch_backward(
-    dy: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, act: int
+    dy: torch.Tensor,
+    gate: torch.Tensor,
+    up: torch.Tensor,
+    act: int,
+    gate_mul: float,
+    out_mul: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    activated, grad = _torch_activation_and_grad(gate.float(), act)
-    dyf = dy.float()
-    return (dyf * up.float() * grad).to(gate.dtype), (dyf * activated).to(up.dtype)
+    scaled = gate if gate_mul == 1.0 else gate * gate_mul
+    activated, grad = _torch_activation_and_grad(scaled.float(), act)
+    dyf = dy.float() * out_mul
+    return (dyf * up.float() * grad * gate_mul).to(gate.dtype), (dyf * activated).to(up.dtype)
 
 
 def gated_activation_reference(
-    gate: torch.Tensor, up: torch.Tensor, kind: str = "swiglu", approximate: str = "tanh"
+    gate: torch.Tensor,
+    up: torch.Tensor,
+    kind: str = "swiglu",
+    approximate: str = "tanh",
+    *,
+    gate_multiplier: float = 1.0,
+    out_multiplier: float = 1.0,
 ) -> torch.Tensor:
-    """``act(gate) * up`` written as transformers MLPs write it (same rounding); the CPU path."""
+    """``act(gate * gate_multiplier) * up * out_multiplier`` written as transformers MLPs write
+    it (same rounding, no multiply by a multiplier of 1); the CPU path and the oracle."""
+    if gate_multiplier != 1.0:
+        gate = gate * gate_multiplier
     if kind == "swiglu":
-        return torch.nn.functional.silu(gate) * up
-    return torch.nn.functional.gelu(gate, approximate=approximate) * up
+        out = torch.nn.functional.silu(gate) * up
+    else:
+        out = torch.nn.functional.gelu(gate, approximate=approximate) * up
+    return out if out_multiplier == 1.0 else out * out_multiplier
 
 
 _ACT_ARGS = {_SILU: ("swiglu", "none"), _GELU_TANH: ("geglu", "tanh"), _GELU_ERF: ("geglu", "none")}
 
 
-def _torch_forward(gate: torch.Tensor, up: torch.Tensor, act: int) -> torch.Tensor:
-    return gated_activation_reference(gate, up, *_ACT_ARGS[act])
+def _torch_forward(
+    gate: torch.Tensor, up: torch.Tensor, act: int, gate_mul: float, out_mul: float
+) -> torch.Tensor:
+    return gated_activation_reference(
+        gate, up, *_ACT_ARGS[act], gate_multiplier=gate_mul, out_multiplier=out_mul
+    )
 
 
 # --------------------------------------------------------------------------- autograd + API
@@ -205,21 +253,28 @@ class GatedActivationFunction(torch.autograd.Function):
     """``act(gate) * up``; backward recomputes ``act`` from the saved ``gate``."""
 
     @staticmethod
-    def forward(ctx, gate, up, act, impl):
+    def forward(ctx, gate, up, act, gate_mul, out_mul, impl):
         forward = _triton_forward if impl == "triton" else _torch_forward
         ctx.save_for_backward(gate, up)
-        ctx.act, ctx.impl = act, impl
-        return forward(gate, up, act)
+        ctx.act, ctx.impl, ctx.muls = act, impl, (gate_mul, out_mul)
+        return forward(gate, up, act, gate_mul, out_mul)
 
     @staticmethod
     def backward(ctx, dy):
         gate, up = ctx.saved_tensors
         backward = _triton_backward if ctx.impl == "triton" else _torch_backward
-        dgate, dup = backward(dy, gate, up, ctx.act)
-        return dgate, dup, None, None
+        dgate, dup = backward(dy, gate, up, ctx.act, *ctx.muls)
+        return dgate, dup, None, None, None, None
 
 
-def _gated(gate: torch.Tensor, up: torch.Tensor, act: int, fn_name: str) -> torch.Tensor:
+def _gated(
+    gate: torch.Tensor,
+    up: torch.Tensor,
+    act: int,
+    fn_name: str,
+    gate_multiplier: float,
+    out_multiplier: float,
+) -> torch.Tensor:
     for name, t in (("gate", gate), ("up", up)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{fn_name}: {name} must be a tensor, got {type(t).__name__}")
@@ -231,98 +286,58 @@ def _gated(gate: torch.Tensor, up: torch.Tensor, act: int, fn_name: str) -> torc
         )
     if gate.dim() == 0:
         raise ValueError(f"{fn_name}: gate and up must have at least one dimension")
-    impl = choose_impl(gate)
-    if impl == "triton" and gate.dtype not in _TRITON_DTYPES:
-        impl = "torch"
-    return GatedActivationFunction.apply(gate, up, act, impl)
+    for name, value in (("gate_multiplier", gate_multiplier), ("out_multiplier", out_multiplier)):
+        if not isinstance(value, (int, float)) or isinstance(value, bool):
+            raise TypeError(f"{fn_name}: {name} must be a number, got {type(value).__name__}")
+    impl = pick_impl(gate)
+    return GatedActivationFunction.apply(
+        gate, up, act, float(gate_multiplier), float(out_multiplier), impl
+    )
 
 
-def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-    """``silu(gate) * up`` (Llama-style MLP), differentiable in both inputs."""
-    return _gated(gate, up, _SILU, "swiglu")
+def swiglu(
+    gate: torch.Tensor,
+    up: torch.Tensor,
+    *,
+    gate_multiplier: float = 1.0,
+    out_multiplier: float = 1.0,
+) -> torch.Tensor:
+    """``silu(gate * gate_multiplier) * up * out_multiplier`` (Llama-style MLP, Falcon-H1 with
+    multipliers), differentiable in both inputs."""
+    return _gated(gate, up, _SILU, "swiglu", gate_multiplier, out_multiplier)
 
 
-def geglu(gate: torch.Tensor, up: torch.Tensor, approximate: str = "tanh") -> torch.Tensor:
-    """``gelu(gate, approximate) * up`` (Gemma-style MLP), differentiable in both inputs."""
+def geglu(
+    gate: torch.Tensor,
+    up: torch.Tensor,
+    approximate: str = "tanh",
+    *,
+    gate_multiplier: float = 1.0,
+    out_multiplier: float = 1.0,
+) -> torch.Tensor:
+    """``gelu(gate * gate_multiplier, approximate) * up * out_multiplier`` (Gemma-style MLP),
+    differentiable in both inputs."""
     if approximate not in APPROXIMATIONS:
         raise ValueError(
             f"geglu: approximate={approximate!r} is not valid; expected one of {APPROXIMATIONS}"
         )
-    return _gated(gate, up, _GELU_TANH if approximate == "tanh" else _GELU_ERF, "geglu")
+    act = _GELU_TANH if approximate == "tanh" else _GELU_ERF
+    return _gated(gate, up, act, "geglu", gate_multiplier, out_multiplier)
 
 
 def gated_activation(
-    gate: torch.Tensor, up: torch.Tensor, kind: str = "swiglu", approximate: str = "tanh"
+    gate: torch.Tensor,
+    up: torch.Tensor,
+    kind: str = "swiglu",
+    approximate: str = "tanh",
+    *,
+    gate_multiplier: float = 1.0,
+    out_multiplier: float = 1.0,
 ) -> torch.Tensor:
-    """``swiglu`` or ``geglu`` by name; pairs with ``activation_params(mlp)``."""
+    """``swiglu`` or ``geglu`` by name; pairs with ``integration.mlp.activation_params``."""
+    muls = {"gate_multiplier": gate_multiplier, "out_multiplier": out_multiplier}
     if kind == "swiglu":
-        return swiglu(gate, up)
+        return swiglu(gate, up, **muls)
     if kind == "geglu":
-        return geglu(gate, up, approximate)
+        return geglu(gate, up, approximate, **muls)
     raise ValueError(f"gated_activation: kind={kind!r} is not valid; expected one of {KINDS}")
-
-
-# --------------------------------------------------------------------------- module lookup
-
-# ACT2FN names (``config.hidden_act`` / ``hidden_activation``) and what they compute.
-_BY_NAME = {
-    "silu": {"kind": "swiglu"},
-    "swish": {"kind": "swiglu"},
-    "gelu_pytorch_tanh": {"kind": "geglu", "approximate": "tanh"},
-    "gelu_python_tanh": {"kind": "geglu", "approximate": "tanh"},
-    "gelu_new": {"kind": "geglu", "approximate": "tanh"},
-    "gelu": {"kind": "geglu", "approximate": "none"},
-    "gelu_python": {"kind": "geglu", "approximate": "none"},
-}
-# transformers.activations classes, matched by name so this module does not import it.
-_BY_CLASS = {
-    "SiLUActivation": {"kind": "swiglu"},
-    "GELUTanh": {"kind": "geglu", "approximate": "tanh"},
-    "NewGELUActivation": {"kind": "geglu", "approximate": "tanh"},
-    "GELUActivation": {"kind": "geglu", "approximate": "none"},
-}
-
-
-def _params_of_activation(act: object) -> dict | None:
-    if isinstance(act, str):
-        return _BY_NAME.get(act)
-    if isinstance(act, torch.nn.SiLU):
-        return {"kind": "swiglu"}
-    if isinstance(act, torch.nn.GELU):
-        return {"kind": "geglu", "approximate": act.approximate}
-    for cls in type(act).__mro__:
-        if cls.__module__.startswith("transformers.") and cls.__name__ in _BY_CLASS:
-            return _BY_CLASS[cls.__name__]
-    return None
-
-
-def activation_params(mlp_or_activation: object) -> dict:
-    """Which gated activation a transformers MLP computes, as ``gated_activation`` kwargs.
-
-    Accepts an MLP module (its ``act_fn``, else its ``config.hidden_act`` /
-    ``hidden_activation``), an activation module (``ACT2FN[...]``, ``nn.SiLU``, ``nn.GELU``) or
-    an ACT2FN name. Returns ``{"kind": "swiglu"}`` or ``{"kind": "geglu", "approximate":
-    "tanh" | "none"}``; raises ``ValueError`` for any other activation, because fusing it
-    with the wrong formula would silently change the model.
-    """
-    candidates = []
-    act_fn = getattr(mlp_or_activation, "act_fn", None)
-    if act_fn is not None:
-        candidates.append(act_fn)
-    else:
-        config = getattr(mlp_or_activation, "config", None)
-        for attr in ("hidden_activation", "hidden_act"):
-            if isinstance(getattr(config, attr, None), str):
-                candidates.append(getattr(config, attr))
-                break
-        candidates.append(mlp_or_activation)
-    for candidate in candidates:
-        params = _params_of_activation(candidate)
-        if params is not None:
-            return dict(params)
-    found = candidates[0] if isinstance(candidates[0], str) else type(candidates[0]).__name__
-    raise ValueError(
-        f"activation_params: {found!r} is not an activation the fused gated MLP supports; "
-        f"supported ACT2FN names are {', '.join(sorted(_BY_NAME))} (and nn.SiLU / nn.GELU). "
-        "Leave this MLP unpatched."
-    )

@@ -20,7 +20,10 @@ from dataclasses import dataclass
 from types import ModuleType
 from typing import Any
 
-from .kernels.rope import apply_rotary_pos_emb as fused_apply_rotary_pos_emb
+from accel import PatchError, PatchRule
+
+from ..kernels.rope import apply_rotary_pos_emb as fused_apply_rotary_pos_emb
+from ..support import supported_types
 
 FUNCTION = "apply_rotary_pos_emb"
 _LOCK = threading.Lock()
@@ -52,19 +55,21 @@ def rope_modeling_module(attention: Any) -> ModuleType | None:
     return module
 
 
-def is_standard_rope(function: Any) -> bool:
-    """True when ``function`` is Llama's ``apply_rotary_pos_emb`` (the fused op's contract),
-    compared by bytecode; transformers copies that function into each modeling file."""
-    from transformers.models.llama import modeling_llama
-
-    reference = _unwrapped_code(_original(modeling_llama))
+def _code_key(function: Any) -> tuple[Any, ...] | None:
     code = _unwrapped_code(function)
-    return (
-        code is not None
-        and reference is not None
-        and (code.co_code, code.co_names, code.co_varnames)
-        == (reference.co_code, reference.co_names, reference.co_varnames)
-    )
+    return None if code is None else (code.co_code, code.co_names, code.co_varnames)
+
+
+def is_standard_rope(function: Any) -> bool:
+    """True when ``function`` is Llama's ``apply_rotary_pos_emb`` or Phi3's partial-rotary one
+    (both are the fused op's contract), compared by bytecode; transformers copies these
+    functions into each modeling file."""
+    from transformers.models.llama import modeling_llama
+    from transformers.models.phi3 import modeling_phi3
+
+    references = {_code_key(_original(m)) for m in (modeling_llama, modeling_phi3)}
+    key = _code_key(function)
+    return key is not None and key in references
 
 
 def _original(module: ModuleType) -> Any:
@@ -109,3 +114,28 @@ def references(module: ModuleType) -> int:
     with _LOCK:
         entry = _ACTIVE.get(module.__name__)
         return entry.references if entry is not None else 0
+
+
+def rules(settings: Any, model: Any) -> list[PatchRule]:
+    """The ``rotary_embedding`` rule; refuses (PatchError) a modeling file whose
+    ``apply_rotary_pos_emb`` is not the standard one."""
+    checked: set[str] = set()
+    for module in model.modules():
+        modeling = rope_modeling_module(module)
+        if modeling is None or modeling.__name__ in checked:
+            continue
+        if not is_standard_rope(original_function(modeling)):
+            raise PatchError(
+                f"fast_rope_embeddings: {modeling.__name__}.apply_rotary_pos_emb is not the "
+                "standard rotary embedding in this transformers version; switch it off"
+            )
+        checked.add(modeling.__name__)
+    return [
+        PatchRule(
+            name="rotary_embedding",
+            feature="fast_rope_embeddings",
+            model_types=supported_types("fast_rope_embeddings"),
+            match=lambda m: rope_modeling_module(m) is not None,
+            apply=lambda m: acquire(rope_modeling_module(m)),
+        )
+    ]
