@@ -15,9 +15,10 @@ from accel_attention_packing.attention import (
     register_varlen_attention,
 )
 from accel_attention_packing.collator import PaddingFreeCollator
+from accel_attention_packing.support import SUPPORTED_MODEL_TYPES
 
 LENGTHS = [7, 13, 3, 10, 1, 6]
-MODELS = ["llama", "mistral", "mixtral", "granite", "gpt_bigcode", "qwen2", "qwen3"]
+MODELS = SUPPORTED_MODEL_TYPES  # every Supported entry of the support table is tested here
 
 
 @pytest.fixture(scope="module", autouse=True)

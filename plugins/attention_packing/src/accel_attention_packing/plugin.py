@@ -8,6 +8,8 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from accel import AccelerationPlugin, ConfigError, Flag, hook
 
+from .support import SUPPORTED_MODEL_TYPES
+
 if TYPE_CHECKING:
     from datasets import Dataset
     from peft import PeftConfig
@@ -18,18 +20,6 @@ if TYPE_CHECKING:
 
 PADDING_FREE_PATH = "training.attention.padding_free"
 MULTIPACK_PATH = "training.dataloader.multipack"
-
-#: architectures whose packed-row loss and gradients are tested equal to padded batches
-SUPPORTED_MODEL_TYPES = (
-    "llama",
-    "mistral",
-    "mixtral",
-    "granite",
-    "granitemoe",
-    "gpt_bigcode",
-    "qwen2",
-    "qwen3",
-)
 
 
 @dataclass
@@ -74,6 +64,8 @@ class PaddingFreePlugin(AccelerationPlugin):
     config_paths = (PADDING_FREE_PATH,)
     config_schema = PaddingFreeConfig
     flags = (Flag("padding_free", PADDING_FREE_PATH, "method: huggingface", fields=("method",)),)
+    #: the Supported entries of ``support.ARCHITECTURES`` (the core refuses the rest before
+    #: loading the model; the table says why)
     model_types = SUPPORTED_MODEL_TYPES
 
     def __init__(self, configs: dict[str, Any]) -> None:

@@ -1,0 +1,33 @@
+"""The support table is the one source: the plugins' gate, the tested list and the README."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from accel_attention_packing import support
+from accel_attention_packing.plugin import MultipackPlugin, PaddingFreePlugin
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+
+
+def test_readme_table_is_the_generated_one():
+    assert support.block_of(README.read_text()) == support.markdown(), (
+        "README table is stale: run python -m accel_attention_packing.support --write README.md"
+    )
+
+
+def test_plugins_accept_exactly_the_supported_entries():
+    supported = tuple(t for t, s in support.ARCHITECTURES.items() if s.supported)
+    assert PaddingFreePlugin.model_types == MultipackPlugin.model_types == supported
+    for model_type, entry in support.ARCHITECTURES.items():
+        if not entry.supported:
+            assert entry.reason and model_type not in supported
+
+
+def test_write_replaces_only_the_block(tmp_path):
+    readme = tmp_path / "README.md"
+    readme.write_text(f"intro\n{support.START}\nold\n{support.END}\noutro\n")
+    assert support.main(["--write", str(readme)]) == 0
+    text = readme.read_text()
+    assert text.startswith("intro\n") and text.endswith("\noutro\n") and "old" not in text
+    assert support.block_of(text) == support.markdown()
