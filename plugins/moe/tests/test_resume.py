@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 from dist_helpers import failure, records, torchrun, write_args
+from torch.distributed.checkpoint import FileSystemReader
 
 PORT = 29720
 WORKER = Path(__file__).parents[3] / "tests" / "dist_resume_worker.py"
@@ -37,14 +38,21 @@ def resumed(tmp_path_factory):
         root / "model", root / "train.jsonl", learning_rate=1e-2, per_device_train_batch_size=4,
         fast_moe=2, save_strategy="steps", save_steps=2,
     )  # fmt: skip
-    scenarios = {"ep2": args, "fsdp2": {**args, "fast_moe": True, "fsdp_size": 2}}
+    lora = {"peft_method": "lora", "lora_dropout": 0.0, "target_modules": ["q_proj", "v_proj"]}
+    scenarios = {
+        "ep2": args,
+        "fsdp2": {**args, "fast_moe": True, "fsdp_size": 2},
+        "ep2-lora": {**args, **lora},
+    }
     done = torchrun(PORT, str(WORKER), write_args(root / "a.json", scenarios), str(root), "2")
     assert done.returncode == 0, failure(done)
     return {"root": root, "stdout": done.stdout}
 
 
 @pytest.mark.parametrize(
-    ("layout", "sizes"), [("ep2", (2, 2, 2)), ("fsdp2", (2, 1, 2))], ids=["ep2", "fsdp_size2"]
+    ("layout", "sizes"),
+    [("ep2", (2, 2, 2)), ("fsdp2", (2, 1, 2)), ("ep2-lora", (2, 2, 2))],
+    ids=["ep2", "fsdp_size2", "ep2-lora"],
 )
 def test_resumed_run_ends_identical_to_the_uninterrupted_one(resumed, layout, sizes):
     root: Path = resumed["root"] / layout
@@ -52,14 +60,22 @@ def test_resumed_run_ends_identical_to_the_uninterrupted_one(resumed, layout, si
     ckpt = root / "resumed-out" / "checkpoint-2"
     assert (ckpt / "pytorch_model_fsdp_0" / ".metadata").is_file()
     assert (ckpt / "optimizer_0" / ".metadata").is_file()
-    assert not list(ckpt.glob("*.safetensors"))  # no gathered copy of the model at each save
+    lora = layout.endswith("lora")
+    # no gathered copy of the model at each save; a PEFT adapter is saved as usual
+    weights = [p.name for p in ckpt.glob("*.safetensors")]
+    assert weights == (["adapter_model.safetensors"] if lora else [])
     written = json.loads((ckpt / "load_time_sharding.json").read_text())
     assert (written["processes"], written.get("ep_size"), written["fsdp_size"]) == sizes
+    assert written["peft"] is lora
+    dcp = FileSystemReader(str(ckpt / "pytorch_model_fsdp_0")).read_metadata()
+    held = list(dcp.state_dict_metadata)  # PEFT: the trainable adapter weights only
+    assert len(held) == (8 if lora else 21) and all(("lora_" in k) is lora for k in held)
     full, again = records(root / "full"), records(root / "resumed")
     losses = [[h["loss"] for h in r["log_history"] if "loss" in h] for r in (*full, *again)]
     assert len(losses[0]) == 4 and all(run == losses[0] for run in losses)
     for rank in range(2):
-        name = "model.layers.0.mlp.experts.gate_up_proj"  # split: EP, or FSDP2 on dim 0
+        name = next(n for n in full[0]["params"] if n.endswith("0.mlp.experts.gate_up_proj"))
+        # split: EP, or FSDP2 on dim 0
         assert again[rank]["local_numel"][name] * 2 == again[rank]["params"][name].numel()
         assert sorted(again[rank]["params"]) == sorted(full[0]["params"])
         for name, value in full[0]["params"].items():  # every rank, bit for bit
@@ -107,6 +123,8 @@ def test_export_refusals_are_one_line(resumed, tmp_path, capsys):
         ([str(root / "full-model"), str(tmp_path / "a")], "already holds plain Hugging Face"),
         ([str(tmp_path / "none"), str(tmp_path / "b")], "is not a checkpoint folder"),
     ]
+    lora_ckpt = resumed["root"] / "ep2-lora" / "full-out" / "checkpoint-4"
+    cases.append(([str(lora_ckpt), str(tmp_path / "d")], "already saved there as a plain PEFT"))
     broken = tmp_path / "broken"
     shutil.copytree(ckpt, broken)
     (broken / "pytorch_model_fsdp_0" / ".metadata").unlink()  # a save killed before its end
