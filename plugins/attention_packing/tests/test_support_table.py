@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 from accel_attention_packing import support
 from accel_attention_packing.plugin import MultipackPlugin, PaddingFreePlugin
 
@@ -31,3 +33,18 @@ def test_write_replaces_only_the_block(tmp_path):
     text = readme.read_text()
     assert text.startswith("intro\n") and text.endswith("\noutro\n") and "old" not in text
     assert support.block_of(text) == support.markdown()
+
+
+def test_granite_hybrid_with_mamba_layers_is_refused():
+    from accel import UnsupportedModelError, testing
+
+    dense = testing.tiny_config("granitemoehybrid")
+    assert support.config_refusal(dense) is None
+    hybrid = testing.tiny_config("granitemoehybrid", layer_types=["mamba", "attention"])
+    assert "linear_attention (Mamba) layers" in support.config_refusal(hybrid)
+    model = testing.tiny_model("granitemoehybrid", layer_types=["mamba", "attention"])
+    plugin = PaddingFreePlugin({})
+    with pytest.raises(
+        UnsupportedModelError, match="padding_free: granitemoehybrid with linear_attention"
+    ):
+        plugin.augment_model(model=model, train_args=None, peft_config=None)

@@ -77,7 +77,13 @@ class PaddingFreePlugin(AccelerationPlugin):
         self, model: PreTrainedModel, train_args: TrainingArguments, peft_config: PeftConfig | None
     ) -> tuple[PreTrainedModel, PeftConfig | None]:
         from .attention import choose_attention_path, disable_kv_cache, register_varlen_attention
+        from .support import config_refusal
 
+        refusal = config_refusal(model.config)
+        if refusal is not None:
+            from accel import UnsupportedModelError
+
+            raise UnsupportedModelError(f"padding_free: {refusal}")
         register_varlen_attention()
         choice = choose_attention_path(model.config, getattr(train_args, "device", None))
         model.set_attn_implementation(choice.implementation)

@@ -47,7 +47,10 @@ ARCHITECTURES: dict[str, Support] = {
     "mixtral": Supported(),
     "granite": Supported(),
     "granitemoe": Supported(),
-    "granitemoehybrid": Supported("attention layers; Mamba layers do not read cu_seq_lens"),
+    "granitemoehybrid": Supported(
+        "attention-only models (Granite 4 dense); a model with Mamba layers is refused, their "
+        "scan would run across the examples of a packed row"
+    ),
     "gpt_bigcode": Supported(),
     "qwen2": Supported(),
     "qwen3": Supported(),
@@ -68,6 +71,20 @@ ARCHITECTURES: dict[str, Support] = {
 
 #: the architectures the plugins accept
 SUPPORTED_MODEL_TYPES = tuple(t for t, s in ARCHITECTURES.items() if s.supported)
+
+
+def config_refusal(model_config: object) -> str | None:
+    """Why a model of a Supported type still cannot be packed (its config), or None."""
+    layer_types = getattr(model_config, "layer_types", None) or ()
+    if getattr(model_config, "model_type", None) == "granitemoehybrid":
+        other = sorted({str(t) for t in layer_types} - {"attention", "full_attention"})
+        if other:
+            return (
+                f"granitemoehybrid with {', '.join(other)} (Mamba) layers: their scan would "
+                "run across the examples of a packed row; only attention-only models pack"
+            )
+    return None
+
 
 START = "<!-- support-table:start (generated: python -m accel_attention_packing.support) -->"
 END = "<!-- support-table:end -->"
