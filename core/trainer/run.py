@@ -129,10 +129,12 @@ def run(config: TrainConfig, available: Mapping[str, Any]) -> TrainResult:
         data_collator=collator,
         processing_class=tokenizer,
         framework=framework,
-        callbacks=[JsonlLogCallback(args.output_dir), PluginSaveCallback(framework, model)],
+        callbacks=[PluginSaveCallback(framework, model)],
     )
     for callback in framework.callbacks(model, trainer.accelerator):
         trainer.add_callback(callback)
+    # after the plugins' callbacks, so the JSONL log holds the metrics they add in on_log
+    trainer.add_callback(JsonlLogCallback(args.output_dir))
     distributed.check_engaged(trainer, config)
     trainer.add_callback(distributed.make_engaged_check_callback(trainer))
 

@@ -94,27 +94,3 @@ def test_fused_lora_auto_gptq_setting_is_kept_next_to_fast_kernels(run_dir):
     # the model's LoRA layers sit on plain nn.Linear: the rules see base_layer and refuse
     with pytest.raises(PatchError, match=r"base_layer is 'auto_gptq'.*found 4 on plain"):
         main_from_argv(argv)
-
-
-def test_label_smoothing_with_fused_loss_is_refused_before_training(run_dir):
-    """The Trainer would pop the labels and smooth the model's logits itself, bypassing the
-    fused loss: refused with the flag named, before any step; allowed with the loss off."""
-    from accel.errors import ConfigError
-
-    argv = [*_argv(run_dir, "plain"), "--label_smoothing_factor", "0.1"]
-    with pytest.raises(ConfigError, match=r"--label_smoothing_factor 0\.1 cannot be combined"):
-        main_from_argv(argv)
-
-    available = discover_plugins()
-    off = [*argv]
-    off[off.index("--fast_kernels") + 1 : off.index("--fast_kernels") + 4] = [
-        "False",
-        "True",
-        "True",
-    ]
-    plugin = build_framework(parse_argv(off, available), available).get("fused_ops")
-    assert plugin.settings.loss_mode is None
-    from transformers import TrainingArguments
-
-    args = TrainingArguments(output_dir=str(run_dir / "unused"), label_smoothing_factor=0.1)
-    assert plugin.augment_model("model", args, None) == ("model", None)

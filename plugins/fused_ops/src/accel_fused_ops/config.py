@@ -24,6 +24,34 @@ class FusedOpsConfig:
             "'fused_ce_liger' = 'fused_linear'"
         },
     )
+    label_smoothing: float = field(
+        default=0.0,
+        metadata={
+            "help": "label smoothing computed inside the fused loss (as torch's); "
+            "--label_smoothing_factor sets it when the fused loss is on"
+        },
+    )
+    z_loss: float = field(
+        default=0.0,
+        metadata={
+            "help": "z-loss scale: adds z_loss * logsumexp(logits)^2 per token to the fused loss "
+            "and logs the term as z_loss"
+        },
+    )
+    token_accuracy: bool = field(
+        default=False,
+        metadata={
+            "help": "log token_accuracy (share of label tokens that are the argmax), computed "
+            "in the fused loss pass without the logits"
+        },
+    )
+    loss_memory_budget_mib: int | None = field(
+        default=None,
+        metadata={
+            "help": "MiB one chunk of the fused linear loss's logits may take; default: the "
+            "rows the matmuls need for full speed, at most 256 MiB (CPU) / 64 MiB (CUDA)"
+        },
+    )
     fast_rms_layernorm: bool = field(default=False, metadata={"help": "RMSNorm kernel"})
     fast_rope_embeddings: bool = field(default=False, metadata={"help": "RoPE kernel"})
     fast_swiglu: bool = field(
@@ -42,6 +70,27 @@ class FusedOpsConfig:
     )
 
     def __post_init__(self) -> None:
+        loss_options = {
+            "label_smoothing": self.label_smoothing != 0.0,
+            "z_loss": self.z_loss != 0.0,
+            "token_accuracy": self.token_accuracy,
+            "loss_memory_budget_mib": self.loss_memory_budget_mib is not None,
+        }
+        given = [name for name, on in loss_options.items() if on]
+        if given and self.fast_loss is False:
+            raise ValueError(
+                f"{', '.join(given)} set but fast_loss is off; these options belong to the "
+                "fused loss: turn it on (fast_loss: true) or remove them"
+            )
+        if not 0.0 <= self.label_smoothing <= 1.0:
+            raise ValueError(f"label_smoothing must be in [0, 1], got {self.label_smoothing}")
+        if not self.z_loss >= 0.0:
+            raise ValueError(f"z_loss must be >= 0, got {self.z_loss}")
+        if self.loss_memory_budget_mib is not None and self.loss_memory_budget_mib < 1:
+            raise ValueError(
+                f"loss_memory_budget_mib must be a positive number of MiB, got "
+                f"{self.loss_memory_budget_mib}"
+            )
         if self.fused_lora and self.base_layer is None:
             raise ValueError(
                 "fused_lora is true but base_layer is not set; set base_layer to auto_gptq, "
