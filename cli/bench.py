@@ -96,6 +96,7 @@ def run_bench(args: argparse.Namespace, argv: list[str] | None = None) -> int:
                 base = " (baseline)" if e.is_baseline else ""
                 print(f"  {e.entity_id}{base}: {e.label(s.varying())} [{state}]")
         return 0
+    _terminate_as_interrupt()
     matrix = Matrix(
         scenarios,
         args.output,
@@ -137,3 +138,14 @@ def run_bench(args: argparse.Namespace, argv: list[str] | None = None) -> int:
         return 1
     print(f"accel bench: no regression against {args.compare} (tolerance {args.tolerance:.0%})")
     return 0
+
+
+def _terminate_as_interrupt() -> None:
+    """SIGTERM (a CI job cancelled, ``kill``) stops the matrix like Ctrl-C: the run in progress
+    is killed with its process group, the results so far stay, the same command resumes."""
+    import signal
+
+    def handler(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, handler)

@@ -181,17 +181,16 @@ def execute(
             stdout=fh,
             stderr=subprocess.STDOUT,
             env=_environment(entity),
+            start_new_session=True,  # its own process group: torchrun and its ranks too
         )
         sampler = ResourceSampler(proc.pid, _devices(entity)).start()
         try:
             returncode = proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+            _kill_group(proc)
             returncode = None
-        except BaseException:
-            proc.kill()
-            proc.wait()
+        except BaseException:  # interrupted: no run of ours outlives the matrix
+            _kill_group(proc)
             sampler.stop()
             raise
         resources = sampler.stop()
@@ -236,6 +235,16 @@ def execute(
     main = next(r for r in results if r.get("ok") and "summary" in r)
     props = properties_of(entity, main, results, resources)
     return RunOutcome(COMPLETED, props, seconds=seconds)
+
+
+def _kill_group(proc: subprocess.Popen) -> None:
+    """SIGKILL the worker's process group (the worker, or torchrun and every rank)."""
+    import contextlib
+    import signal
+
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
 
 
 def _one_line(text: str, limit: int = 300) -> str:
