@@ -317,3 +317,39 @@ def test_sharded_checkpoint_is_not_resumed_by_an_unsharded_run(out, base_args):
     (out / "checkpoint-4" / MARKER).write_text('{"written_by": "accel", "processes": 2}\n')
     with pytest.raises(ConfigError, match="sharded state of a model sharded at load time"):
         accel.train({**base_args, "output_dir": str(out), "max_steps": 6})
+
+
+@pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied-embeddings"])
+def test_sharded_checkpoint_exports_to_a_plain_model(tiny_model_dir, tmp_path, tied):
+    """The export of the DCP layout (written here by one process: DCP does not need a process
+    group) is the model itself: same tensors and dtypes, same logits, tied weights tied."""
+    import torch
+    from safetensors.torch import load_file
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    from accel.trainer.sharded_checkpoint import export_checkpoint, layout_of, save_state
+
+    config = AutoConfig.from_pretrained(tiny_model_dir, tie_word_embeddings=tied)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config)
+    model.model.norm.weight.data = model.model.norm.weight.data.to(torch.bfloat16)  # kept as is
+    ckpt = tmp_path / "checkpoint-1"
+    ckpt.mkdir()
+    save_state(model, torch.optim.AdamW(model.parameters()), ckpt, layout_of(model, 1))
+    model.config.save_pretrained(ckpt)
+    AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(ckpt)
+
+    target = export_checkpoint(ckpt, tmp_path / "plain")
+    assert not list(tmp_path.glob(".*accel-staging"))
+    saved = load_file(Path(target) / "model.safetensors")
+    assert saved["model.norm.weight"].dtype == torch.bfloat16
+    assert ("lm_head.weight" in saved) is not tied  # a tied head is not stored twice
+    want = model.state_dict()
+    for name, value in saved.items():
+        assert torch.equal(value, want[name]), name
+    plain = AutoModelForCausalLM.from_pretrained(target)
+    AutoTokenizer.from_pretrained(target)
+    assert (plain.lm_head.weight is plain.model.embed_tokens.weight) is tied
+    ids = torch.randint(3, 60, (2, 9))
+    with torch.no_grad():
+        assert torch.equal(plain(input_ids=ids).logits, model(input_ids=ids).logits)

@@ -391,9 +391,10 @@ class CheckpointMixin:
         """Inside a checkpoint of a model sharded at load time, a full model is not gathered:
         its shards go into the DCP state (see ``_save_optimizer_and_scheduler``); the config
         and tokenizer are written for the export. A PEFT adapter is saved as usual."""
-        from .sharded_checkpoint import _is_peft
+        from .sharded_checkpoint import is_peft
 
-        if not (_internal_call and self._dcp_checkpoints) or _is_peft(self.model):  # type: ignore[attr-defined]
+        inside = self._dcp_checkpoints and getattr(self, "_saving_checkpoint", False)
+        if not inside or is_peft(self.model):  # type: ignore[attr-defined]
             return super().save_model(output_dir, _internal_call)  # type: ignore[misc]
         if self.args.should_save:  # type: ignore[attr-defined]
             import torch
@@ -480,7 +481,11 @@ class CheckpointMixin:
             logger.warning(schedule_mismatch_message(saved, state.max_steps, step, lrs))
 
     def _save_checkpoint(self, model: Any, trial: Any) -> None:
-        super()._save_checkpoint(model, trial)  # type: ignore[misc]
+        self._saving_checkpoint = True  # save_model: inside a checkpoint (see there)
+        try:
+            super()._save_checkpoint(model, trial)  # type: ignore[misc]
+        finally:
+            self._saving_checkpoint = False
         if self.args.should_save:  # type: ignore[attr-defined]
             from .saving import apply_umask
 

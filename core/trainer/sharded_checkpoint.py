@@ -47,7 +47,7 @@ def is_sharded_at_load(model: Any) -> bool:
     return bool(base and getattr(base(), "is_distributed_loading_by_transformers", False))
 
 
-def _is_peft(model: Any) -> bool:
+def is_peft(model: Any) -> bool:
     return hasattr(model, "peft_config") and hasattr(model, "get_base_model")
 
 
@@ -55,7 +55,7 @@ def _options(model: Any, **extra: Any) -> Any:
     from torch.distributed.checkpoint.state_dict import StateDictOptions
 
     # a PEFT model keeps its frozen base weights as loaded: only the trainable ones are state
-    return StateDictOptions(ignore_frozen_params=_is_peft(model), **extra)
+    return StateDictOptions(ignore_frozen_params=is_peft(model), **extra)
 
 
 def save_state(model: Any, optimizer: Any, folder: str | Path, layout: dict[str, Any]) -> None:
@@ -78,7 +78,7 @@ def load_model_state(model: Any, folder: str | Path) -> None:
 
     state = {"model": get_model_state_dict(model, options=_options(model))}
     dcp.load(state, checkpoint_id=str(Path(folder) / MODEL_DIR))
-    set_model_state_dict(model, state["model"], options=_options(model, strict=not _is_peft(model)))
+    set_model_state_dict(model, state["model"], options=_options(model, strict=not is_peft(model)))
 
 
 def load_optimizer_state(model: Any, optimizer: Any, folder: str | Path) -> None:
@@ -100,14 +100,14 @@ def has_layout(folder: str | Path) -> bool:
 
 def layout_of(model: Any, world_size: int) -> dict[str, Any]:
     """What :data:`MARKER` records: the process count and the mesh sizes of the run."""
-    base = model.get_base_model() if _is_peft(model) else model
+    base = model.get_base_model() if is_peft(model) else model
     dist = getattr(getattr(base, "config", None), "distributed_config", None)
     sizes = {
         key: getattr(dist, key)
         for key in ("fsdp_size", "ep_size", "tp_size", "dp_replicate_size")
         if isinstance(getattr(dist, key, None), int)
     }
-    return {"written_by": "accel", "processes": world_size, **sizes, "peft": _is_peft(model)}
+    return {"written_by": "accel", "processes": world_size, **sizes, "peft": is_peft(model)}
 
 
 def _rank() -> int:
@@ -160,7 +160,9 @@ def export_checkpoint(checkpoint: str | Path, output: str | Path) -> str:
     floats = [t.dtype for t in state.values() if t.is_floating_point()]
     dtype = max(set(floats), key=floats.count) if floats else torch.float32
     model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    missing, unexpected = model.load_state_dict(state, strict=False)
+    # assign: every tensor keeps the dtype it was trained in; tied weights are tied again
+    missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
+    model.tie_weights()
     tied = set(getattr(model, "all_tied_weights_keys", None) or {})
     missing = [key for key in missing if key not in tied]
     if missing or unexpected:
@@ -170,11 +172,23 @@ def export_checkpoint(checkpoint: str | Path, output: str | Path) -> str:
         )
     staging = target.with_name(f".{target.name}.accel-staging")
     if staging.exists():
-        shutil.rmtree(staging)
-    model.save_pretrained(staging)
-    _copy_tokenizer(source, staging)
-    os.replace(staging, target)
+        if not (staging / _STAGING_MARK).is_file():
+            raise ConfigError(f"'{staging}' exists and was not made by accel; move it away")
+        shutil.rmtree(staging)  # left by a killed export
+    staging.mkdir()
+    (staging / _STAGING_MARK).write_text("temporary folder of an accel export; safe to delete\n")
+    try:
+        model.save_pretrained(staging)
+        _copy_tokenizer(source, staging)
+        (staging / _STAGING_MARK).unlink()
+        os.replace(staging, target)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
     return str(target.resolve())
+
+
+_STAGING_MARK = ".accel-temporary"
 
 
 def _check_export(source: Path, target: Path) -> None:
