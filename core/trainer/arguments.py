@@ -32,7 +32,8 @@ class ModelArguments:
         metadata={
             "help": "Shard the model at load time over this many processes with transformers' "
             "own FSDP2 (DistributedConfig(fsdp_size=N); fewer than the processes: the groups "
-            "replicate, HSDP). Works on CPU/gloo; launch with torchrun; cannot resume."
+            "replicate, HSDP). Works on CPU/gloo; launch with torchrun; checkpoints are "
+            "sharded DCP state that resumes."
         },
     )
 

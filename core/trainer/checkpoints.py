@@ -5,7 +5,9 @@ writes: ``trainer_state.json``, the model or adapter weights, the optimizer
 (``optimizer.pt``; FSDP: ``optimizer.bin`` or an ``optimizer_0`` folder), ``scheduler.pt`` and
 the RNG state (``rng_state.pth``, or ``rng_state_<rank>.pth`` per process). ``save_only_model``
 writes only the weights and ``trainer_state.json``: such a checkpoint is refused, because
-resuming from it would silently restart the optimizer and the learning-rate schedule.
+resuming from it would silently restart the optimizer and the learning-rate schedule. A model
+sharded at load time is checkpointed as sharded DCP folders instead (``pytorch_model_fsdp_0``,
+``optimizer_0``; :mod:`accel.trainer.sharded_checkpoint`), checked like accelerate's.
 
 Every file is checked cheaply, before any model loads: JSON files parse, a safetensors file's
 size equals what its header declares, torch files (``.pt``/``.pth``/``.bin``) are zip archives

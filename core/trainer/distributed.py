@@ -131,7 +131,8 @@ def check_load_time_sharding_checkpoints(args: Any, what: str) -> None:
         found = newest_checkpoint(args.output_dir, warn=False)
         where = f"{found} (auto-resume)"
     else:
-        found = resume if Path(resume).is_dir() else None  # other problems: resolve_resume
+        # not a checkpoint at all: resolve_resume says so
+        found = resume if (Path(resume) / "trainer_state.json").is_file() else None
         where = resume
     if found and not has_layout(found):
         raise ConfigError(
