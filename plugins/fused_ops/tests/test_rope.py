@@ -179,3 +179,44 @@ def test_two_dim_tables_of_wrong_length_are_refused():
     cos, sin = rotary(10)(q, torch.arange(S - 1).unsqueeze(0))
     with pytest.raises(ValueError, match=r"2-D cos/sin \(36, 10\) must be \(seq_len"):
         apply_rotary_pos_emb(q, k, cos[0], sin[0])
+
+
+# ------------------------------------------------------------------ other modeling-file forms
+
+
+def _against(fused, reference, q, k, cos, sin):
+    expected = reference(q, k, cos, sin)
+    grads = (torch.randn_like(expected[0]), torch.randn_like(expected[1]))
+    want = forward_backward(reference, q, k, cos, sin, grads)
+    got = forward_backward(fused, q, k, cos, sin, grads)
+    for g, e in zip(got, want, strict=True):
+        assert g.dtype == e.dtype
+        assert_close(g, e)
+
+
+def test_gpt_oss_half_width_form(impl, device, dtype):
+    """GPT-OSS rotates the halves with (B, S, D/2) tables; the fused op gets them doubled."""
+    from transformers.models.gpt_oss import modeling_gpt_oss
+
+    from accel_fused_ops.integration.rope import fused_half_width_rope, rope_replacement
+
+    assert rope_replacement(modeling_gpt_oss) is fused_half_width_rope
+    head_dim = 22
+    q, k = projections(dtype, head_dim, device=device)
+    angles = torch.rand(B, S, head_dim // 2) * 6.0
+    cos, sin = angles.cos().to(device, dtype), angles.sin().to(device, dtype)
+    _against(fused_half_width_rope, modeling_gpt_oss.apply_rotary_pos_emb, q, k, cos, sin)
+
+
+def test_olmo2_cast_back_form(impl, device):
+    """OLMo2 rotates in the promoted dtype (bf16 q/k, fp32 cos/sin) and casts back."""
+    from transformers.models.olmo2 import modeling_olmo2
+
+    from accel_fused_ops.integration.rope import fused_cast_back_rope, rope_replacement
+
+    assert rope_replacement(modeling_olmo2) is fused_cast_back_rope
+    head_dim = 22
+    q, k = projections(torch.bfloat16, head_dim, device=device)
+    position_ids = torch.arange(S).expand(B, S).to(device)
+    cos, sin = rotary(head_dim, device)(torch.zeros(1, device=device), position_ids)
+    _against(fused_cast_back_rope, modeling_olmo2.apply_rotary_pos_emb, q, k, cos, sin)

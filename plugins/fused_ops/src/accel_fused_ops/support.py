@@ -155,9 +155,8 @@ ARCHITECTURES: dict[str, Architecture] = {
             norms={"Olmo2RMSNorm": "olmo"},
             mlps={"Olmo2MLP": "gate_up_down"},
             heads={"Olmo2ForCausalLM": "none"},
-            unsupported={
-                "fast_rope_embeddings": "its apply_rotary_pos_emb rotates in the cos/sin dtype "
-                "and casts back to q/k's, which the fused function does not do"
+            notes={
+                "fast_rope_embeddings": "the rotation is cast back to q/k's dtype, as OLMo2's is"
             },
         ),
         _arch(
@@ -192,8 +191,10 @@ ARCHITECTURES: dict[str, Architecture] = {
             unsupported={
                 "fast_swiglu": "experts are fused 3-D tensors inside GptOssExperts with a "
                 "clamped, alpha-scaled SwiGLU, not gated MLP modules",
-                "fast_rope_embeddings": "its rotary embedding takes half-width cos/sin and "
-                "rotates the two halves itself (not the rotate_half function)",
+            },
+            notes={
+                "fast_rope_embeddings": "its half-width cos/sin are doubled for the fused kernel "
+                "(the same rotation)"
             },
         ),
         _arch(

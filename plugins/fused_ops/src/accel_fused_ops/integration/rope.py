@@ -20,6 +20,8 @@ from dataclasses import dataclass
 from types import ModuleType
 from typing import Any
 
+import torch
+
 from accel import PatchError, PatchRule
 
 from ..kernels.rope import apply_rotary_pos_emb as fused_apply_rotary_pos_emb
@@ -32,6 +34,8 @@ _LOCK = threading.Lock()
 @dataclass
 class _Entry:
     original: Callable[..., Any]
+    #: the fused function put in its place
+    replacement: Callable[..., Any]
     references: int = 0
 
 
@@ -60,10 +64,88 @@ def _code_key(function: Any) -> tuple[Any, ...] | None:
     return None if code is None else (code.co_code, code.co_names, code.co_varnames)
 
 
+# GPT-OSS's form, as transformers writes it (compared by bytecode, never called): cos/sin of
+# half the head width, the two halves rotated explicitly.
+def _half_width_rotate(
+    x,
+    cos,
+    sin,
+):
+    first_half, second_half = torch.chunk(x, 2, dim=-1)
+    first_ = first_half * cos - second_half * sin
+    second_ = second_half * cos + first_half * sin
+    return torch.cat((first_, second_), dim=-1)
+
+
+def _half_width_apply(q, k, cos, sin, unsqueeze_dim=1):
+    cos = cos.unsqueeze(unsqueeze_dim)
+    sin = sin.unsqueeze(unsqueeze_dim)
+    q_embed = _apply_rotary_emb(q, cos, sin)  # noqa: F821 - the modeling file's global
+    k_embed = _apply_rotary_emb(k, cos, sin)  # noqa: F821
+    return q_embed, k_embed
+
+
+def fused_half_width_rope(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    unsqueeze_dim: int = 1,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """GPT-OSS's ``apply_rotary_pos_emb`` through the fused op: with ``c = cos`` of width D/2,
+    ``x1 * c - x2 * s, x2 * c + x1 * s`` is the rotate_half rotation with ``cat(c, c)``."""
+    cos, sin = torch.cat((cos, cos), dim=-1), torch.cat((sin, sin), dim=-1)
+    return fused_apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=unsqueeze_dim)
+
+
+# OLMo's form (compared by bytecode, never called): Llama's rotation computed in the promoted
+# dtype of q/k and cos/sin, then cast back to q's and k's dtypes.
+def _cast_back_apply(q, k, cos, sin, unsqueeze_dim=1):
+    q_type, k_type = q.dtype, k.dtype
+    cos = cos.unsqueeze(unsqueeze_dim)
+    sin = sin.unsqueeze(unsqueeze_dim)
+    q_embed = (q * cos) + (rotate_half(q) * sin)  # noqa: F821 - the modeling file's global
+    k_embed = (k * cos) + (rotate_half(k) * sin)  # noqa: F821
+    return q_embed.to(q_type), k_embed.to(k_type)
+
+
+def fused_cast_back_rope(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    unsqueeze_dim: int = 1,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """OLMo's ``apply_rotary_pos_emb`` through the fused op: the same rotation, cast back."""
+    q_embed, k_embed = fused_apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=unsqueeze_dim)
+    return q_embed.to(q.dtype), k_embed.to(k.dtype)
+
+
+def rope_replacement(modeling: ModuleType) -> Callable[..., Any] | None:
+    """The fused function for ``modeling``'s original ``apply_rotary_pos_emb``: the fused op
+    itself for Llama's and Phi3's (partial rotary) form, :func:`fused_half_width_rope` for
+    GPT-OSS's, :func:`fused_cast_back_rope` for OLMo's; None for any other function (compared by bytecode: transformers copies these
+    functions into each modeling file)."""
+    from transformers.models.llama import modeling_llama
+    from transformers.models.phi3 import modeling_phi3
+
+    key = _code_key(_original(modeling))
+    if key is not None and key in {
+        _code_key(_original(m)) for m in (modeling_llama, modeling_phi3)
+    }:
+        return fused_apply_rotary_pos_emb
+    helper = getattr(modeling, "_apply_rotary_emb", None)
+    if key == _code_key(_half_width_apply) and _code_key(helper) == _code_key(_half_width_rotate):
+        return fused_half_width_rope
+    rotate = _code_key(getattr(modeling, "rotate_half", None))
+    if key == _code_key(_cast_back_apply) and rotate == _code_key(modeling_llama.rotate_half):
+        return fused_cast_back_rope
+    return None
+
+
 def is_standard_rope(function: Any) -> bool:
     """True when ``function`` is Llama's ``apply_rotary_pos_emb`` or Phi3's partial-rotary one
-    (both are the fused op's contract), compared by bytecode; transformers copies these
-    functions into each modeling file."""
+    (the fused op's own contract), compared by bytecode."""
     from transformers.models.llama import modeling_llama
     from transformers.models.phi3 import modeling_phi3
 
@@ -88,8 +170,15 @@ def acquire(module: ModuleType) -> Callable[[], None]:
     with _LOCK:
         entry = _ACTIVE.get(module.__name__)
         if entry is None:
-            entry = _ACTIVE[module.__name__] = _Entry(getattr(module, FUNCTION))
-            setattr(module, FUNCTION, fused_apply_rotary_pos_emb)
+            replacement = rope_replacement(module)
+            if replacement is None:
+                raise PatchError(
+                    f"fast_rope_embeddings: {module.__name__}.{FUNCTION} is not a rotary "
+                    "embedding the fused op reproduces"
+                )
+            entry = _Entry(getattr(module, FUNCTION), replacement)
+            _ACTIVE[module.__name__] = entry
+            setattr(module, FUNCTION, replacement)
         entry.references += 1
     released = False
 
@@ -103,7 +192,7 @@ def acquire(module: ModuleType) -> Callable[[], None]:
             if entry.references == 0:
                 del _ACTIVE[module.__name__]
                 # only undo our own change: if someone replaced the function since, keep theirs
-                if getattr(module, FUNCTION) is fused_apply_rotary_pos_emb:
+                if getattr(module, FUNCTION) is entry.replacement:
                     setattr(module, FUNCTION, entry.original)
 
     return release
@@ -124,7 +213,7 @@ def rules(settings: Any, model: Any) -> list[PatchRule]:
         modeling = rope_modeling_module(module)
         if modeling is None or modeling.__name__ in checked:
             continue
-        if not is_standard_rope(original_function(modeling)):
+        if rope_replacement(modeling) is None:
             raise PatchError(
                 f"fast_rope_embeddings: {modeling.__name__}.apply_rotary_pos_emb is not the "
                 "standard rotary embedding in this transformers version; switch it off"

@@ -19,9 +19,8 @@ import torch
 import triton
 import triton.language as tl
 
-from accel_fused_ops.dispatch import choose_impl
+from accel_fused_ops.dispatch import TRITON_DTYPES, choose_impl, last_dim_contiguous
 
-_FAST_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # Elements of the larger of the q/k tiles per program: short rows share a program.
 _TILE_ELEMS = 4096
 
@@ -277,15 +276,11 @@ class RoPEFunction(torch.autograd.Function):
         cos, sin = ctx.saved_tensors
         if ctx.impl == "triton":
             rotate = _triton_rotate
-            dq_out, dk_out = _last_dim_contiguous(dq_out), _last_dim_contiguous(dk_out)
+            dq_out, dk_out = last_dim_contiguous(dq_out), last_dim_contiguous(dk_out)
         else:
             rotate = _torch_rotate
         dq, dk = rotate(dq_out, dk_out, cos, sin, ctx.layout, ctx.q_dtype, ctx.k_dtype, True)
         return dq, dk, None, None, None, None
-
-
-def _last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
-    return t if t.stride(-1) == 1 else t.contiguous()
 
 
 def _fits_fused_path(q, k, cos, sin, layout) -> bool:
@@ -302,7 +297,7 @@ def _fits_fused_path(q, k, cos, sin, layout) -> bool:
         and 0 < rot <= min(q.shape[-1], k.shape[-1])
         and q.dtype == k.dtype
         and cos.dtype == sin.dtype
-        and all(t.dtype in _FAST_DTYPES for t in (q, cos))
+        and all(t.dtype in TRITON_DTYPES for t in (q, cos))
         and not (cos.requires_grad or sin.requires_grad)
     )
 
@@ -356,5 +351,5 @@ def apply_rotary_pos_emb(
         return rope_reference(q, k, cos, sin, unsqueeze_dim)
     impl = choose_impl(q)
     if impl == "triton":
-        q, k, cos, sin = (_last_dim_contiguous(t) for t in (q, k, cos, sin))
+        q, k, cos, sin = (last_dim_contiguous(t) for t in (q, k, cos, sin))
     return RoPEFunction.apply(q, k, cos, sin, layout, impl)
