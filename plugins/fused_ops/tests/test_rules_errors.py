@@ -43,8 +43,14 @@ def _lora(model, **config):
             {"fast_rope_embeddings": True, "fast_swiglu": True},
             r"fast_swiglu cannot patch MixtralForCausalLM \(model_type 'mixtral'\): experts",
         ),
+        (
+            "gpt_oss",
+            {"fast_swiglu": True},
+            r"fast_swiglu cannot patch GptOssForCausalLM \(model_type 'gpt_oss'\): experts are "
+            r"fused 3-D tensors inside GptOssExperts.*Supported model types: llama, mistral",
+        ),
     ],
-    ids=["gpt_bigcode-rms_norm", "gpt_bigcode-rope", "mixtral-swiglu"],
+    ids=["gpt_bigcode-rms_norm", "gpt_bigcode-rope", "mixtral-swiglu", "gpt_oss-swiglu"],
 )
 def test_unsupported_feature_names_model_and_feature(model_type, switches, message):
     model = tiny_model(model_type)
@@ -106,3 +112,40 @@ def test_framework_refuses_an_unsupported_architecture():
     )
     with pytest.raises(UnsupportedModelError, match=r"fused_ops.*'phi'.*supported: llama"):
         framework.check_model(PhiConfig())
+
+
+def test_a_changed_forward_is_refused_not_mis_fused(monkeypatch):
+    """The support table lists classes by name; a listed class whose forward is not the
+    expected form (a future transformers release, a user subclass) is a PatchError."""
+    from transformers.models.llama import modeling_llama as llama
+
+    def scaled_norm(self, hidden_states):  # a different computation, same class name
+        return 2.0 * self.weight * hidden_states
+
+    def other_mlp(self, x):
+        return self.down_proj(self.act_fn(self.up_proj(x)) * self.gate_proj(x))
+
+    model = tiny_model("llama")
+    monkeypatch.setattr(llama.LlamaRMSNorm, "forward", scaled_norm)
+    with pytest.raises(PatchError, match=r"LlamaRMSNorm is not the llama-family RMSNorm forward"):
+        build_rules(FusedOpsConfig(fast_rms_layernorm=True), model)
+    monkeypatch.setattr(llama.LlamaMLP, "forward", other_mlp)
+    with pytest.raises(PatchError, match=r"LlamaMLP is not the 'gate_up_down' gated MLP form"):
+        build_rules(FusedOpsConfig(fast_swiglu=True), model)
+    assert _untouched(model)
+
+
+def test_an_unknown_rmsnorm_class_is_refused():
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    class CustomRMSNorm(torch.nn.Module):  # not a subclass of a listed class
+        def __init__(self):
+            super().__init__()
+            self.inner = LlamaRMSNorm(8)
+
+    model = tiny_model("llama")
+    model.model.extra = CustomRMSNorm()
+    with pytest.raises(
+        PatchError, match=r"'model.extra': no fused RMSNorm equivalent.*CustomRMSNorm"
+    ):
+        build_rules(FusedOpsConfig(fast_rms_layernorm=True), model)
