@@ -48,6 +48,7 @@ def is_sharded_at_load(model: Any) -> bool:
 
 
 def is_peft(model: Any) -> bool:
+    """A PEFT model (its checkpoints hold the adapter plainly and only trainable weights as DCP)."""
     return hasattr(model, "peft_config") and hasattr(model, "get_base_model")
 
 
