@@ -239,5 +239,3 @@ NORM_CLASSES = _union("norms")
 MLP_CLASSES = _union("mlps")
 #: every causal-LM class -> its logits transform
 CAUSAL_LM_HEADS = _union("heads")
-#: the gated MLP classes fast_swiglu patches (kept under its old name for callers)
-GATED_MLP_CLASSES = tuple(MLP_CLASSES)

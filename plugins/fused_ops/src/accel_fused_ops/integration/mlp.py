@@ -124,15 +124,6 @@ def form_of(module: nn.Module) -> tuple[str, MlpForm]:
     return name, form
 
 
-def is_standard_gated_mlp(module: nn.Module) -> bool:
-    """True when the module's class forward is one of the known gated MLP forms."""
-    try:
-        form_of(module)
-    except ValueError:
-        return False
-    return True
-
-
 # ACT2FN names (``config.hidden_act`` / ``hidden_activation``) and what they compute.
 _BY_NAME = {
     "silu": {"kind": "swiglu"},

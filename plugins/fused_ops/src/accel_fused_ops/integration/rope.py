@@ -143,17 +143,6 @@ def rope_replacement(modeling: ModuleType) -> Callable[..., Any] | None:
     return None
 
 
-def is_standard_rope(function: Any) -> bool:
-    """True when ``function`` is Llama's ``apply_rotary_pos_emb`` or Phi3's partial-rotary one
-    (the fused op's own contract), compared by bytecode."""
-    from transformers.models.llama import modeling_llama
-    from transformers.models.phi3 import modeling_phi3
-
-    references = {_code_key(_original(m)) for m in (modeling_llama, modeling_phi3)}
-    key = _code_key(function)
-    return key is not None and key in references
-
-
 def _original(module: ModuleType) -> Any:
     entry = _ACTIVE.get(module.__name__)
     return entry.original if entry is not None else getattr(module, FUNCTION)
