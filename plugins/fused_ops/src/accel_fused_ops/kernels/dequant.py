@@ -12,13 +12,18 @@ Three sources are understood:
 * ``Bnb4bitWeight``: a bitsandbytes ``Linear4bit`` (NF4/FP4); dequantised with
   ``bitsandbytes.functional.dequantize_4bit``, which is already a fused CUDA kernel on GPU.
 * ``GPTQWeight``: a gptqmodel GPTQ layer (``TorchLinear`` of the TORCH backend, or
-  ``TritonV2Linear`` of the TRITON backend, which shares its layout). The PyTorch path is the
-  layer's own public ``dequantize_weight``. The Triton kernel below decodes 2/4/8-bit
-  int32-packed codes, zero points, scales and ``g_idx`` in one pass with fp32 arithmetic,
-  where gptqmodel's training path runs half a dozen full-size elementwise ops with int
-  intermediates (gptqmodel's own Triton decoder is off in training mode; it wraps the torch
-  code in ``torch.compile`` instead, whose compile time and per-shape recompiles this kernel
-  does not have).
+  ``TritonV2Linear`` of the TRITON backend, which shares its layout). The Triton kernel below
+  decodes 2/4/8-bit int32-packed codes, zero points, scales and ``g_idx`` in one pass with
+  fp32 arithmetic; ``gptq_dequantize_torch`` decodes the same layout in PyTorch ops (CPU, or
+  CUDA when Triton is not chosen), straight into the compute dtype. gptqmodel's own training
+  path wraps its torch code in ``torch.compile`` (its Triton decoder is off in training
+  mode): on CPU, inductor's first compile costs 6-20 s and every new layer shape another
+  compile, which neither path here has. Layouts neither covers (3/5/6/7 bits, other pack
+  dtypes) use the layer's own ``dequantize_weight``. Both paths return what the layer's
+  forward multiplies by: the product rounded to the scales' dtype, then cast, when the compute
+  dtype is wider than the scales (fp32 over fp16 scales); otherwise rounded once to the
+  compute dtype (bf16 over fp16 scales: at most one bf16 ulp from gptqmodel's double
+  rounding).
 
 ``frozen_weight(layer)`` picks the right class; ``unsupported_reason(layer)`` says in words why
 a layer cannot be handled. This module never triggers the import of bitsandbytes or gptqmodel
@@ -113,20 +118,7 @@ def gptq_dequantize_triton(
     the GPTQ "v2" convention its TORCH backend runs on). ``block_k``/``block_n`` set the tile
     per program; the defaults suit GPUs, tests pass small ones to cover the edge masking.
     """
-    if bits not in _TRITON_GPTQ_BITS:
-        raise ValueError(f"bits={bits} is not supported here; expected one of {_TRITON_GPTQ_BITS}")
-    if qweight.dtype != torch.int32 or qzeros.dtype != torch.int32:
-        raise ValueError(
-            f"qweight/qzeros must be int32-packed, got {qweight.dtype}/{qzeros.dtype}; "
-            "use the layer's own dequantize_weight for other pack dtypes"
-        )
-    in_features = g_idx.numel()
-    out_features = qweight.shape[1]
-    if scales.shape[1] != out_features or qweight.shape[0] * (32 // bits) < in_features:
-        raise ValueError(
-            f"inconsistent GPTQ buffers: qweight {tuple(qweight.shape)}, scales "
-            f"{tuple(scales.shape)}, g_idx of {in_features} rows, bits={bits}"
-        )
+    in_features, out_features = _check_gptq_buffers(qweight, qzeros, scales, g_idx, bits)
     device = qweight.device
     qweight = qweight.contiguous()
     qzeros = qzeros.to(device).contiguous()
@@ -148,6 +140,79 @@ def gptq_dequantize_triton(
         BLOCK_N=block_n,
     )
     return out
+
+
+def _check_gptq_buffers(
+    qweight: torch.Tensor,
+    qzeros: torch.Tensor,
+    scales: torch.Tensor,
+    g_idx: torch.Tensor,
+    bits: int,
+) -> tuple[int, int]:
+    """``(in_features, out_features)`` of a GPTQ layout both decoders read; ValueError else."""
+    if bits not in _TRITON_GPTQ_BITS:
+        raise ValueError(f"bits={bits} is not supported here; expected one of {_TRITON_GPTQ_BITS}")
+    if qweight.dtype != torch.int32 or qzeros.dtype != torch.int32:
+        raise ValueError(
+            f"qweight/qzeros must be int32-packed, got {qweight.dtype}/{qzeros.dtype}; "
+            "use the layer's own dequantize_weight for other pack dtypes"
+        )
+    in_features = g_idx.numel()
+    out_features = qweight.shape[1]
+    if scales.shape[1] != out_features or qweight.shape[0] * (32 // bits) < in_features:
+        raise ValueError(
+            f"inconsistent GPTQ buffers: qweight {tuple(qweight.shape)}, scales "
+            f"{tuple(scales.shape)}, g_idx of {in_features} rows, bits={bits}"
+        )
+    return in_features, out_features
+
+
+def _contiguous_group_size(g_idx: torch.Tensor, groups: int) -> int | None:
+    """The group size when row ``i`` is in group ``i // size`` and every group is full (the
+    layout without act-order), else None (act-order, or a partial last group)."""
+    in_features = g_idx.numel()
+    if groups == 0 or in_features % groups:
+        return None
+    size = in_features // groups
+    rows = torch.arange(in_features, device=g_idx.device, dtype=g_idx.dtype)
+    return size if torch.equal(g_idx, rows // size) else None
+
+
+def gptq_dequantize_torch(
+    qweight: torch.Tensor,
+    qzeros: torch.Tensor,
+    scales: torch.Tensor,
+    g_idx: torch.Tensor,
+    bits: int,
+    dtype: torch.dtype,
+) -> torch.Tensor:
+    """:func:`gptq_dequantize_triton` in PyTorch ops: the dense ``(in_features, out_features)``
+    weight, fp32 arithmetic rounded once to ``dtype``.
+
+    With groups of consecutive rows (no act-order) the zero points and scales broadcast over
+    a ``(groups, group_size, out_features)`` view, so the only full-size passes are the
+    unpack, the zero-point subtraction (in place), the fp32 conversion, the scaling (in
+    place) and the final cast; act-order layouts gather a zero point and scale per row."""
+    in_features, out_features = _check_gptq_buffers(qweight, qzeros, scales, g_idx, bits)
+    pack, maxq = 32 // bits, (1 << bits) - 1
+    device = qweight.device
+    shifts = torch.arange(0, 32, bits, dtype=torch.int32, device=device)
+    codes = (qweight.unsqueeze(1) >> shifts.view(1, pack, 1)).bitwise_and_(maxq)
+    codes = codes.view(-1, out_features)[:in_features]
+    qzeros = qzeros.to(device)
+    zeros = (qzeros.unsqueeze(2) >> shifts.view(1, 1, pack)).bitwise_and_(maxq)
+    zeros = zeros.view(qzeros.shape[0], -1)[:, :out_features]
+    scales = scales.to(device=device, dtype=torch.float32)
+    g_idx = g_idx.to(device)
+    size = _contiguous_group_size(g_idx, scales.shape[0])
+    if size is not None:
+        groups = scales.shape[0]
+        weight = codes.reshape(groups, size, out_features).sub_(zeros.unsqueeze(1))
+        weight = weight.to(torch.float32).mul_(scales.unsqueeze(1))
+        return weight.view(in_features, out_features).to(dtype)
+    rows = g_idx.long()
+    weight = (codes - zeros.index_select(0, rows)).to(torch.float32)
+    return weight.mul_(scales.index_select(0, rows)).to(dtype)
 
 
 # --------------------------------------------------------------------------- weight sources
@@ -218,8 +283,9 @@ class Bnb4bitWeight(FrozenWeight):
 
 
 class GPTQWeight(FrozenWeight):
-    """A gptqmodel GPTQ layer (TORCH backend). Triton decodes it on CUDA tensors when the
-    layout allows; otherwise the layer's own ``dequantize_weight`` runs."""
+    """A gptqmodel GPTQ layer (TORCH or TRITON backend). Triton decodes it on CUDA tensors,
+    PyTorch ops elsewhere, when the layout allows (2/4/8 bits, int32 packing, g_idx over
+    every row); otherwise the layer's own ``dequantize_weight`` runs."""
 
     def __init__(self, layer: nn.Module) -> None:
         self.layer = layer
@@ -240,13 +306,19 @@ class GPTQWeight(FrozenWeight):
 
     def materialize(self, dtype: torch.dtype) -> torch.Tensor:
         layer = self.layer
-        if choose_impl(layer.qweight) == "triton" and self.triton_eligible():
-            weight_t = gptq_dequantize_triton(
-                layer.qweight, layer.qzeros, layer.scales, layer.g_idx, layer.bits, dtype
-            )
-        else:
-            weight_t = layer.dequantize_weight().to(dtype)
-        return weight_t.t()
+        if not self.triton_eligible():
+            return layer.dequantize_weight().to(dtype).t()
+        scales = layer.scales
+        # wider than the scales (fp32 over fp16): the layer's own forward multiplies by the
+        # product rounded to the scales' dtype; reproduce that, then widen
+        decoded = scales.dtype if dtype.itemsize > scales.dtype.itemsize else dtype
+        decode = (
+            gptq_dequantize_triton
+            if choose_impl(layer.qweight) == "triton"
+            else gptq_dequantize_torch
+        )
+        weight_t = decode(layer.qweight, layer.qzeros, scales, layer.g_idx, layer.bits, decoded)
+        return weight_t.to(dtype).t()
 
 
 # --------------------------------------------------------------------------- selection
