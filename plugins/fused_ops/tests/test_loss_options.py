@@ -82,8 +82,27 @@ def _kwargs(case, weight):
     return kw
 
 
-@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
-@pytest.mark.parametrize("case", CASES)
+def _combos(*extra):
+    """Every case with mean and none in fp32, plus the listed (case id, reduction, dtype)."""
+    ids = {p.id: p.values[0] for p in CASES}
+    combos = [
+        pytest.param(ids[i], r, torch.float32, id=f"{i}-{r}-fp32")
+        for i in ids
+        for r in ("mean", "none")
+    ]
+    for i, r, d in extra:
+        combos.append(pytest.param(ids[i], r, d, id=f"{i}-{r}-{str(d)[6:]}"))
+    return combos
+
+
+CE_COMBOS = _combos(
+    ("all", "sum", torch.float32),
+    ("all", "mean", torch.bfloat16),
+    ("weight+smoothing", "none", torch.bfloat16),
+)
+
+
+@pytest.mark.parametrize(("case", "reduction", "dtype"), CE_COMBOS)
 def test_cross_entropy_options(impl, device, dtype, case, reduction):
     logits, labels, weight = make_inputs(dtype, device)
     kw = _kwargs(case, weight)
@@ -159,8 +178,14 @@ def linear_inputs(device, dtype=torch.float32, seed=0):
     return hidden, w, b, labels.to(device), weight
 
 
-@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
-@pytest.mark.parametrize("case", CASES)
+LINEAR_COMBOS = [pytest.param(c.values[0], "mean", id=f"{c.id}-mean") for c in CASES] + [
+    pytest.param(CASES[-1].values[0], "none", id="all-none"),
+    pytest.param(CASES[-2].values[0], "none", id="zloss+w+cap-none"),
+    pytest.param(CASES[1].values[0], "sum", id="weight-sum"),
+]
+
+
+@pytest.mark.parametrize(("case", "reduction"), LINEAR_COMBOS)
 def test_linear_options(impl, device, case, reduction):
     hidden, w, b, labels, weight = linear_inputs(device)
     kw = _kwargs(case, weight)
