@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import copy
+import functools
 import types
 from collections.abc import Iterator
 from typing import Any
@@ -91,13 +92,15 @@ def check_lora_config(peft_config: Any) -> None:
 # factors of every expert weight become DTensors sharded like the experts (each process keeps
 # the rows/columns of its own experts), and the ParamWrapper hands its local factors to the
 # ScatterMoE experts forward, which folds them into the local expert weights. The parameters
-# keep PEFT's names, shapes and layout (their global view is PEFT's tensor), so the adapter
-# saved after gathering is a vanilla PEFT adapter.
+# keep PEFT's names and shapes, and the adapter saved after gathering is a vanilla PEFT adapter.
 #
 # PEFT's layout (peft/tuners/lora/layer.py, ParamWrapper.update_layer / get_delta_factors):
-# ``lora_A.weight`` is (r * E, in) with row ``e * r + i``: experts are contiguous, Shard(0);
-# ``lora_B.weight`` is (out, r * E) with column ``i * E + e``: for every rank index ``i`` a
-# contiguous run of E experts, which is ``_StridedShard(1, split_factor=r)`` on the ep mesh.
+# ``lora_A.weight`` is (r * E, in) with row ``e * r + i``: experts are contiguous, Shard(0).
+# ``lora_B.weight`` is (out, r * E) with column ``i * E + e``: experts interleaved, which only
+# a strided placement could shard, and DCP (the sharded Trainer checkpoints) cannot write one.
+# So while sharded, lora_B holds its columns expert-major (``e * r + i``) and is Shard(1);
+# PEFT's order is restored when the adapter is saved (:func:`peft_order_of_b`). The
+# expert-major order does not depend on the process count, so a DCP checkpoint of it reshards.
 
 #: attribute of the experts module holding the local LoRA factors during its forward
 LORA_FACTORS = "_accel_lora_factors"
@@ -161,18 +164,33 @@ def _replica_group(ep_mesh: Any) -> Any:
 _GATHERING = contextvars.ContextVar("accel_moe_gathering_lora", default=False)
 
 
-def _full_state_dict_hook(module: Any, state_dict: dict, prefix: str, local_metadata: Any) -> None:
+def peft_order_of_b(weight: torch.Tensor, experts: int) -> torch.Tensor:
+    """A gathered ``lora_B.weight`` of a sharded expert weight, columns expert-major
+    (``e * r + i``), in PEFT's order (``i * E + e``)."""
+    out = weight.shape[0]
+    return weight.reshape(out, experts, -1).transpose(1, 2).reshape(out, -1)
+
+
+def _expert_major_b(weight: torch.Tensor, experts: int) -> torch.Tensor:
+    out = weight.shape[0]
+    return weight.reshape(out, -1, experts).transpose(1, 2).reshape(out, -1)
+
+
+def _full_state_dict_hook(
+    module: Any, state_dict: dict, prefix: str, local_metadata: Any, *, b_experts: int = 0
+) -> None:
     """While the adapter is saved (``save_pretrained``, which every process calls under
-    load-time sharding): the sharded factors in ``state_dict()`` gathered into full tensors,
-    so PEFT writes its own format. Any other ``state_dict()`` (a sharded checkpoint) keeps the
-    DTensors."""
+    load-time sharding): the sharded factors in ``state_dict()`` gathered into full tensors in
+    PEFT's order, so PEFT writes its own format. Any other ``state_dict()`` (a sharded DCP
+    checkpoint) keeps the DTensors."""
     from torch.distributed.tensor import DTensor
 
     if not _GATHERING.get():
         return
     for key, value in state_dict.items():
         if key.startswith(prefix) and isinstance(value, DTensor):
-            state_dict[key] = value.full_tensor()
+            full = value.full_tensor()
+            state_dict[key] = peft_order_of_b(full, b_experts) if b_experts else full
 
 
 def _local_delta_factors(wrapper: Any, adapter: str) -> tuple[torch.Tensor, torch.Tensor, float]:
@@ -187,7 +205,7 @@ def _local_delta_factors(wrapper: Any, adapter: str) -> tuple[torch.Tensor, torc
     )
     experts = shard["local_experts"]
     weight_a = weight_a.reshape(experts, -1, weight_a.shape[-1])  # (experts, r, in)
-    weight_b = weight_b.reshape(weight_b.shape[0], -1, experts).permute(2, 0, 1)  # (e, out, r)
+    weight_b = weight_b.reshape(weight_b.shape[0], experts, -1).transpose(0, 1)  # (e, out, r)
     if wrapper._did_swap_in_out_features:  # stored as (experts, out, in)
         lhs, rhs = weight_b, weight_a
     else:  # stored as (experts, in, out)
@@ -228,7 +246,6 @@ def shard_expert_lora(model: Any) -> int:
     ones it skips (DTensors), and their gradients are reduced by :class:`_ExpertFactorGrad`."""
     import torch.distributed as dist
     from torch.distributed.tensor import DTensor, Shard
-    from torch.distributed.tensor.placement_types import _StridedShard
 
     wrappers = _expert_wrappers(model)
     if not wrappers:
@@ -255,9 +272,10 @@ def shard_expert_lora(model: Any) -> int:
             dist.broadcast(full_a, src=0)
             dist.broadcast(full_b, src=0)
             r = full_a.shape[0] // wrapper.num_experts
-            rows = full_a[rank * local * r : (rank + 1) * local * r]
-            cols = full_b.view(full_b.shape[0], r, -1)[:, :, rank * local : (rank + 1) * local]
-            cols = cols.reshape(full_b.shape[0], r * local)
+            mine = slice(rank * local * r, (rank + 1) * local * r)
+            rows = full_a[mine]
+            full_b = _expert_major_b(full_b, wrapper.num_experts)
+            cols = full_b[:, mine]
             a.weight = torch.nn.Parameter(
                 DTensor.from_local(
                     rows.contiguous(), ep_mesh, [Shard(0)], run_check=False,
@@ -267,14 +285,15 @@ def shard_expert_lora(model: Any) -> int:
             )  # fmt: skip
             b.weight = torch.nn.Parameter(
                 DTensor.from_local(
-                    cols.contiguous(), ep_mesh, [_StridedShard(1, split_factor=r)],
-                    run_check=False, shape=full_b.shape, stride=full_b.stride(),
+                    cols.contiguous(), ep_mesh, [Shard(1)], run_check=False,
+                    shape=full_b.shape, stride=full_b.stride(),
                 ),
                 requires_grad=b.weight.requires_grad,
             )  # fmt: skip
-            for linear in (a, b):
+            for linear, b_experts in ((a, 0), (b, wrapper.num_experts)):
                 if not getattr(linear, "_accel_full_state_dict", False):
-                    linear.register_state_dict_post_hook(_full_state_dict_hook)
+                    hook = functools.partial(_full_state_dict_hook, b_experts=b_experts)
+                    linear.register_state_dict_post_hook(hook)
                     linear._accel_full_state_dict = True
         wrapper._accel_expert_shard = {
             "local_experts": local,
