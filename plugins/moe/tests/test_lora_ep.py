@@ -5,23 +5,27 @@ experts (half of every factor per process), the router and attention factors rep
 factor, gathered, the same on both processes and equal to the single run's (the router's only
 if its gradient was reduced across processes); base weights untouched; the saved adapter is a
 vanilla PEFT adapter that loads on the plain HF model in one process and gives the single
-run's logits."""
+run's logits; the run's sharded checkpoint resumes to the same factors."""
 
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
-from dist_helpers import WORKER, failure, records, saved_weights, torchrun, write_args
+from dist_helpers import failure, records, saved_weights, torchrun, write_args
 from dist_worker import recording_train
 
 PORT = 29780
+#: runs a scenario uninterrupted (recorded), then stopped after its step-2 checkpoint, then
+#: resumed from it (recorded): one torchrun launch for the comparison and the resume
+RESUME_WORKER = Path(__file__).parents[3] / "tests" / "dist_resume_worker.py"
 
 # max_grad_norm below the run's grad norms: every step is clipped, by the global norm over the
 # replicated factors and the expert factors sharded on the ep mesh (the Trainer's per-mesh norm)
 LORA = {"peft_method": "lora", "lora_dropout": 0.0, "target_modules": ["q_proj", "v_proj"],
-        "max_steps": 3, "max_grad_norm": 0.3}  # fmt: skip
+        "max_grad_norm": 0.3}  # fmt: skip
 
 
 def _moe(ep_degree):
@@ -43,8 +47,9 @@ def lora_runs(moe_run_dir, tmp_path_factory):
     save_moe_model(root / "model", "mixtral", output_router_logits=False)
     base = {**cipher_run_args(root / "model", moe_run_dir / "train.jsonl", learning_rate=1e-2)}
     ep = {**base, **LORA, **_moe(2), "per_device_train_batch_size": 4,
-          "output_dir": str(root / "ep-out"), "save_model_dir": str(root / "ep-adapter")}  # fmt: skip
-    done = torchrun(PORT, str(WORKER), write_args(root / "ep.json", ep), str(root / "ep"))
+          "save_strategy": "steps", "save_steps": 2}  # fmt: skip
+    scenarios = write_args(root / "ep.json", {"ep": ep})
+    done = torchrun(PORT, str(RESUME_WORKER), scenarios, str(root), "2")
     assert done.returncode == 0, failure(done)
 
     mp = pytest.MonkeyPatch()
@@ -57,8 +62,9 @@ def lora_runs(moe_run_dir, tmp_path_factory):
         )  # fmt: skip
     finally:
         mp.undo()
-    return {"root": root, "ranks": records(root / "ep"), "one": records(root / "one", 1)[0],
-            "model": root / "model", "stdout": done.stdout}  # fmt: skip
+    return {"root": root, "ranks": records(root / "ep" / "full"), "stdout": done.stdout,
+            "resumed": records(root / "ep" / "resumed"), "adapter": root / "ep" / "full-model",
+            "one": records(root / "one", 1)[0], "model": root / "model"}  # fmt: skip
 
 
 def _history(record, key):
@@ -130,10 +136,10 @@ def test_ep2_adapter_is_vanilla_peft_and_reproduces_the_logits(lora_runs):
     from transformers import AutoModelForCausalLM
 
     root = lora_runs["root"]
-    config = json.loads((root / "ep-adapter" / "adapter_config.json").read_text())
+    config = json.loads((lora_runs["adapter"] / "adapter_config.json").read_text())
     assert any(t.endswith("experts.gate_up_proj") for t in config["target_parameters"])
     assert any(t.endswith("mlp.gate.weight") for t in config["target_parameters"])
-    saved = saved_weights(root / "ep-adapter")
+    saved = saved_weights(lora_runs["adapter"])
     trained = {n.replace(".default", ""): v for n, v in _lora(lora_runs["ranks"][0]).items()}
     assert sorted(saved) == sorted(trained)
     for name, value in saved.items():  # full tensors, the EP run's trained factors
@@ -141,10 +147,10 @@ def test_ep2_adapter_is_vanilla_peft_and_reproduces_the_logits(lora_runs):
 
     ids = torch.randint(4, 60, (2, 11))
     logits = []
-    for adapter in ("ep-adapter", "one-adapter"):
+    for adapter in (lora_runs["adapter"], root / "one-adapter"):
         plain = AutoModelForCausalLM.from_pretrained(lora_runs["model"])
         assert plain.config._experts_implementation != "scattermoe"
-        model = PeftModel.from_pretrained(plain, str(root / adapter)).eval()
+        model = PeftModel.from_pretrained(plain, str(adapter)).eval()
         with torch.no_grad():
             logits.append(model(input_ids=ids).logits)
     untuned = AutoModelForCausalLM.from_pretrained(lora_runs["model"]).eval()
@@ -165,3 +171,24 @@ def test_lora_on_experts_with_dropout_is_refused_in_one_line(run_args, tmp_path)
         ConfigError, match="has no dropout .lora_dropout is 0.05.; set lora_dropout 0"
     ):
         accel.train(args)
+
+
+def test_ep2_lora_checkpoint_is_sharded_and_resumes_identically(lora_runs):
+    """The step-2 checkpoint holds the expert factors as DCP shards written by both processes
+    (and the plain PEFT adapter beside them); the run resumed from it ends with every factor
+    identical to the uninterrupted run's."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    ckpt = lora_runs["root"] / "ep" / "resumed-out" / "checkpoint-2"
+    assert "accel: resuming from " + str(ckpt) in lora_runs["stdout"]
+    assert (ckpt / "adapter_model.safetensors").is_file()
+    held = FileSystemReader(str(ckpt / "pytorch_model_fsdp_0")).read_metadata()
+    factors = {k: m for k, m in held.state_dict_metadata.items() if "lora_" in k}
+    assert len(factors) == 20
+    for key, meta in factors.items():  # one chunk per process for the expert factors
+        assert len(meta.chunks) == (2 if ".experts." in key else 1), key
+    full, again = lora_runs["ranks"], lora_runs["resumed"]
+    assert [_history(r, "loss") for r in again] == [_history(full[0], "loss")] * 2
+    for rank in range(2):
+        for name, value in _lora(full[rank]).items():
+            assert torch.equal(_lora(again[rank])[name], value), name
