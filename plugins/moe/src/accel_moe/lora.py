@@ -3,6 +3,10 @@
 Expert weights are 3-D parameters, not linear layers, so ``target_modules`` cannot reach them;
 PEFT wraps a named parameter instead (``lora.ParamWrapper``), and the experts forward reads
 ``W + BA`` through it. The adapter saved that way is a vanilla PEFT adapter.
+
+Under expert parallelism PEFT's fold cannot work on the sharded experts; the expert factors
+are sharded like the experts and folded by the ScatterMoE forward instead (see
+:func:`shard_expert_lora`), and the adapter is still saved as a vanilla PEFT adapter.
 """
 
 from __future__ import annotations
@@ -172,6 +176,7 @@ def peft_order_of_b(weight: torch.Tensor, experts: int) -> torch.Tensor:
 
 
 def _expert_major_b(weight: torch.Tensor, experts: int) -> torch.Tensor:
+    """The inverse of :func:`peft_order_of_b`: PEFT's ``lora_B.weight`` columns expert-major."""
     out = weight.shape[0]
     return weight.reshape(out, -1, experts).transpose(1, 2).reshape(out, -1)
 
