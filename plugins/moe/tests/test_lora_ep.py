@@ -192,3 +192,19 @@ def test_ep2_lora_checkpoint_is_sharded_and_resumes_identically(lora_runs):
     for rank in range(2):
         for name, value in _lora(full[rank]).items():
             assert torch.equal(_lora(again[rank])[name], value), name
+
+
+def test_expert_major_lora_b_holds_each_experts_columns_together():
+    """PEFT's ``lora_B`` columns are ``i * E + e`` (rank index i, expert e); held expert-major
+    (``e * r + i``), a process's contiguous ``Shard(1)`` slice is exactly its experts' columns,
+    and the gathered tensor goes back to PEFT's order."""
+    from accel_moe.lora import _expert_major_b, peft_order_of_b
+
+    out, r, experts = 3, 2, 4
+    column = torch.tensor([[100 * e + i for i in range(r) for e in range(experts)]] * out)
+    held = _expert_major_b(column, experts)
+    want = torch.tensor([[100 * e + i for e in range(experts) for i in range(r)]] * out)
+    assert torch.equal(held, want)
+    second_half = held[:, experts // 2 * r :]  # the second of two processes: experts 2 and 3
+    assert set(second_half.flatten().tolist()) == {200, 201, 300, 301}
+    assert torch.equal(peft_order_of_b(held, experts), column)
