@@ -166,7 +166,7 @@ def entity_id(experiment: str, given: Mapping[str, Any]) -> str:
     """Stable id of an entity: its experiment and the parameters it set (not the defaults,
     which may depend on the machine), so results from two machines can be compared."""
     text = _key({"experiment": experiment, **given})
-    short = experiment.removeprefix("finetune_").split("_")[0]
+    short = experiment.removeprefix("finetune_").removesuffix("_benchmark").replace("_", "-")
     return f"{short}-{hashlib.sha256(text.encode()).hexdigest()[:10]}"
 
 
