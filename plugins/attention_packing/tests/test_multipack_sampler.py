@@ -269,3 +269,17 @@ def test_examples_over_half_the_budget_get_a_bin_each():
     assert plan.num_steps == 10 and plan.num_padding == 3
     assert plan.step_tokens().max() <= 64
     assert sorted(set(plan.indices.tolist())) == list(range(37))
+
+
+def test_long_examples_that_crowd_bins_still_pack_tightly():
+    """20k examples of 900-1024 tokens among 80k of 1-16: a 4096-token bin holds at most 4
+    long ones, so 625 steps on 8 ranks is a floor (the token count alone would allow 608).
+    Bins then need ~130 tokens of room on average, far more than the shortest example."""
+    rng = np.random.default_rng(3)
+    lengths = np.concatenate([rng.integers(900, 1025, 20_000), rng.integers(1, 17, 80_000)])
+    rng.shuffle(lengths)
+    plan = plan_epoch(lengths, num_replicas=8, max_tokens_per_rank=4096)
+    assert 625 <= plan.num_steps <= 632  # within ~1% of the floor
+    assert plan.step_tokens().max() <= 4096
+    assert plan.imbalance() <= 1.001
+    assert np.array_equal(np.sort(plan.indices), np.arange(lengths.size))
