@@ -57,7 +57,7 @@ ARCHITECTURES: dict[str, Support] = {
     "phi3": Supported(),
     "olmo2": Supported(),
     "smollm3": Supported(),
-    "gemma3_text": Supported("sliding-window layers included"),
+    "gemma3_text": Supported(),
     "gemma2": Unsupported(_NO_SDPA.format("Gemma2ForCausalLM")),
     "gpt_oss": Unsupported(
         _NO_SDPA.format("GptOssForCausalLM") + "; its attention sinks (s_aux) are not "
