@@ -50,3 +50,20 @@ def test_write_replaces_only_the_block(tmp_path):
     text = readme.read_text()
     assert text.startswith("intro\n") and text.endswith("\noutro\n") and "old" not in text
     assert model_table.block_of(text) == model_table.markdown()
+
+
+def test_report_lines_come_from_the_records():
+    from accel_fused_ops.config import FusedOpsConfig
+    from accel_fused_ops.plugin import TRAINING_PATH
+
+    settings = FusedOpsConfig(
+        fast_loss=True, label_smoothing=0.1, token_accuracy=True, fast_rope_embeddings=True
+    )
+    lines = FusedOpsPlugin({TRAINING_PATH: settings}).report_lines()
+    assert lines[0] == "features: fast_rope_embeddings, fast_loss"  # application order
+    assert lines[1] == "loss: fused_linear (label_smoothing 0.1, token_accuracy)"
+    assert lines[2].startswith("rope: apply_rotary_pos_emb is replaced in the modeling file")
+    assert len(lines) == 3
+    assert FusedOpsPlugin({TRAINING_PATH: FusedOpsConfig(fast_swiglu=True)}).report_lines() == [
+        "features: fast_swiglu"
+    ]
