@@ -7,8 +7,8 @@ import transformers.models.llama.modeling_llama as modeling_llama
 from tiny_models import batches, tiny_model
 
 from accel import AccelerationFramework, apply_patches
-from accel_fused_ops.integration import rope as rope_patch
 from accel_fused_ops.config import FusedOpsConfig
+from accel_fused_ops.integration import rope as rope_patch
 from accel_fused_ops.kernels.rope import apply_rotary_pos_emb as fused_rope
 from accel_fused_ops.rules import build_rules
 
