@@ -117,7 +117,7 @@ def _torchtune_chunked_loss():
     return module.CEWithChunkedOutputLoss
 
 
-def _loss_fn(method: str, chunk_size: int | None, device: str):
+def _loss_fn(method: str, chunk_size: int | None, device: str, budget_mib: int | None = None):
     import torch
     import torch.nn.functional as F
 
@@ -126,7 +126,10 @@ def _loss_fn(method: str, chunk_size: int | None, device: str):
     if method == "fused":
         from accel_fused_ops.kernels.linear_cross_entropy import fused_linear_cross_entropy
 
-        return lambda h, w, y: fused_linear_cross_entropy(h, w, y, chunk_size=chunk_size)
+        budget = budget_mib << 20 if budget_mib else None
+        return lambda h, w, y: fused_linear_cross_entropy(
+            h, w, y, chunk_size=chunk_size, memory_budget=budget
+        )
     if method == "cce":
         try:
             from cut_cross_entropy import linear_cross_entropy
@@ -165,7 +168,7 @@ def _worker(args: argparse.Namespace) -> None:
     dtype = getattr(torch, DTYPES[args.dtype])
     device = args.device
     try:
-        loss_fn = _loss_fn(args.method, args.chunk_size, device)
+        loss_fn = _loss_fn(args.method, args.chunk_size, device, args.memory_budget_mib)
     except SkipMethod as e:
         print(json.dumps({"skipped": str(e)}))
         return
@@ -241,6 +244,8 @@ def _run_worker(args, case: str, method: str, weight: str, save: Path) -> dict:
     ]  # fmt: skip
     if args.chunk_size:
         cmd += ["--chunk-size", str(args.chunk_size)]
+    if args.memory_budget_mib:
+        cmd += ["--memory-budget-mib", str(args.memory_budget_mib)]
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(
         [str(REPO / "plugins" / "fused_ops" / "src"), env.get("PYTHONPATH", "")]
@@ -308,7 +313,8 @@ def _environment(args) -> str:
         + (f" ({torch.cuda.get_device_name()})" if args.device == "cuda" else ""),
         f"- CPU: {cpu}, {os.cpu_count()} cores, torch threads {torch.get_num_threads()}",
         f"- python {platform.python_version()}, torch {torch.__version__}",
-        f"- dtype {args.dtype}, chunk_size {args.chunk_size or 'default'}",
+        f"- dtype {args.dtype}, fused chunk_size {args.chunk_size or 'default'}, "
+        f"memory_budget {f'{args.memory_budget_mib} MiB' if args.memory_budget_mib else 'default'}",
         f"- peers: {_peer_versions()}",
     ]
     return "\n".join(lines)
@@ -321,6 +327,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--chunk-size", type=int, default=None)
+    parser.add_argument(
+        "--memory-budget-mib", type=int, default=None, help="fused: memory_budget instead"
+    )
     parser.add_argument(
         "--methods", nargs="+", choices=METHODS, default=list(METHODS), help="hf always runs"
     )

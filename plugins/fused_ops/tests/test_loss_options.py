@@ -240,3 +240,25 @@ def test_linear_weight_grad_accumulation_dtype():
     assert err[torch.float32] < 0.5 * err[None], err
     with pytest.raises(TypeError, match="accum_dtype"):
         fused_linear_cross_entropy(hidden, w, labels, accum_dtype=torch.int32)
+
+
+@pytest.mark.parametrize("case", CASES[-2:])
+def test_torch_transposed_layout_matches_rows(case):
+    """class_dim=0 ((V, N) logits, what the CPU fused linear path computes) equals the row
+    layout, loss terms and gradient (fp32 tolerance)."""
+    from accel_fused_ops.kernels.cross_entropy import _ce_rows_torch
+
+    logits, labels, weight = make_inputs(torch.float32, "cpu")
+    kw = _kwargs(case, weight)
+    kw.pop("softcap", None)
+    softcap = case.get("softcap")
+    scale = torch.linspace(0.5, 2.0, N)
+    g_rows, g_cols = torch.empty_like(logits), torch.empty(V, N)
+    common = {"want_z": True, "want_correct": True, "z_grad_scale": scale.flip(0), **kw}
+    a = _ce_rows_torch(logits, labels, -100, softcap, scale, g_rows, **common)
+    b = _ce_rows_torch(
+        logits.t().contiguous(), labels, -100, softcap, scale, g_cols, class_dim=0, **common
+    )
+    for x, y in zip(a, b, strict=True):
+        torch.testing.assert_close(y, x, **FP32)
+    torch.testing.assert_close(g_cols.t(), g_rows, **FP32)

@@ -324,14 +324,19 @@ def _ce_rows_torch(
     z_grad_scale: torch.Tensor | None = None,
     want_z: bool = False,
     want_correct: bool = False,
+    class_dim: int = 1,
 ) -> RowLosses:
     """Row chunks, each in as few passes over the ``(rows, V)`` block as the options allow.
 
     For fp32 logits without soft-cap the gradient is built in ``grad_out`` itself (exp of the
     shifted logits, then one scaling pass); otherwise one fp32 scratch block is reused by
-    every chunk, so no vocabulary-sized buffer is allocated per chunk.
+    every chunk, so no vocabulary-sized buffer is allocated per chunk. ``class_dim=0`` takes
+    the transposed ``(V, N)`` layout (one token per column, processed in one block), which
+    the fused linear cross-entropy produces on CPU because ``W @ h.T`` runs faster there than
+    ``h @ W.T``.
     """
-    n_rows, n_cols = logits.shape
+    cd = class_dim
+    n_cols, n_rows = (logits.shape[1], logits.shape[0]) if cd == 1 else logits.shape
     device = logits.device
     cdt = torch.promote_types(logits.dtype, torch.float32)
     loss = torch.empty(n_rows, dtype=cdt, device=device)
@@ -342,14 +347,18 @@ def _ce_rows_torch(
     w = weight.to(device=device, dtype=cdt) if weight is not None else None
     w_sum = w.sum() if w is not None else float(n_cols)
     step = rows_per_chunk or max(1, _TORCH_CHUNK_ELEMENTS // max(n_cols, 1))
-    step = min(step, max(n_rows, 1))
+    step = min(step, max(n_rows, 1)) if cd == 1 else max(n_rows, 1)
+
+    def part(t: torch.Tensor, a: int, b: int) -> torch.Tensor:
+        return t[a:b] if cd == 1 else t[:, a:b]
+
     direct = grad_out is not None and grad_out.dtype == cdt
     scratch = None
     for start in range(0, n_rows, step):
         end = min(start + step, n_rows)
         # .to() may return a view of logits (fp32 input), which may also be grad_out: logits
         # are read by every reduction below before the exp pass overwrites them.
-        z = logits[start:end].to(cdt)
+        z = part(logits, start, end).to(cdt)
         t = None
         if softcap is not None:
             t = torch.tanh(z / softcap)
@@ -358,25 +367,29 @@ def _ce_rows_torch(
         ignored = lab == ignore_index
         in_range = (lab >= 0) & (lab < n_cols)
         take = in_range & ~ignored
-        safe = torch.where(take, lab, torch.zeros_like(lab)).unsqueeze(1)
-        z_label = z.gather(1, safe).squeeze(1)
-        m = z.amax(1, keepdim=True)
+        safe = torch.where(take, lab, torch.zeros_like(lab)).unsqueeze(cd)
+        z_label = z.gather(cd, safe).squeeze(cd)
+        m = z.amax(cd, keepdim=True)
         sum_wz = None
         if eps:
-            sum_wz = z @ w if w is not None else z.sum(1)
+            if w is None:
+                sum_wz = z.sum(cd)
+            else:
+                sum_wz = z @ w if cd == 1 else w @ z
         if correct is not None:
-            correct[start:end] = take & (z.argmax(1) == lab)
+            correct[start:end] = take & (z.argmax(cd) == lab)
         if direct:
-            buf = grad_out[start:end]
+            buf = part(grad_out, start, end)
         else:
             if scratch is None:
-                scratch = torch.empty(step, n_cols, dtype=cdt, device=device)
-            buf = scratch[: end - start]
+                shape = (step, n_cols) if cd == 1 else (n_cols, step)
+                scratch = torch.empty(shape, dtype=cdt, device=device)
+            buf = part(scratch, 0, end - start)
         torch.sub(z, m, out=buf)
         buf.exp_()
-        s = buf.sum(1)
-        lse = m.squeeze(1) + s.log()
-        w_label = w[safe.squeeze(1)] if w is not None else 1.0
+        s = buf.sum(cd)
+        lse = m.squeeze(cd) + s.log()
+        w_label = w[safe.squeeze(cd)] if w is not None else 1.0
         row = (1.0 - eps) * w_label * (lse - z_label)
         if eps:
             row = row + eps / n_cols * (w_sum * lse - sum_wz)
@@ -397,17 +410,17 @@ def _ce_rows_torch(
             g_z = zs[start:end] if zs.dim() == 1 else zs.expand(end - start)
             g_z = torch.where(ignored, zero, g_z.to(cdt))
             coef = coef + 2.0 * lse_square_scale * g_z * lse
-        buf.mul_((coef / s).unsqueeze(1))  # coef * softmax
+        buf.mul_((coef / s).unsqueeze(cd))  # coef * softmax
         if eps:
             if w is None:
-                buf.sub_((g_ce * (eps / n_cols)).unsqueeze(1))
+                buf.sub_((g_ce * (eps / n_cols)).unsqueeze(cd))
             else:
-                buf.addcmul_(g_ce.unsqueeze(1), w.unsqueeze(0), value=-eps / n_cols)
-        buf.scatter_add_(1, safe, (-(1.0 - eps) * g_ce * w_label).unsqueeze(1))
+                buf.addcmul_(g_ce.unsqueeze(cd), w.unsqueeze(1 - cd), value=-eps / n_cols)
+        buf.scatter_add_(cd, safe, (-(1.0 - eps) * g_ce * w_label).unsqueeze(cd))
         if t is not None:
             buf.mul_(t.square_().neg_().add_(1.0))  # d softcap(x) / dx = 1 - tanh^2
         if not direct:
-            grad_out[start:end].copy_(buf)
+            part(grad_out, start, end).copy_(buf)
     return _row_losses(loss, z_rows, correct, want_z)
 
 
@@ -444,6 +457,7 @@ def cross_entropy_rows(
     z_grad_scale: torch.Tensor | None = None,
     want_z: bool = False,
     want_correct: bool = False,
+    class_dim: int = 1,
 ) -> RowLosses:
     """Per-row loss terms, and optionally their gradient, with no autograd involved.
 
@@ -451,7 +465,8 @@ def cross_entropy_rows(
     buffer, last dim contiguous, possibly ``logits`` itself) is given, writes
     ``grad_scale[i] * d loss_i / d logits[i] + z_grad_scale[i] * d z_loss_i / d logits[i]``
     into it in its dtype; the scales are 0-dim or ``(N,)`` tensors (``z_grad_scale`` defaults
-    to ``grad_scale``). ``impl`` is ``"triton"`` or ``"torch"``.
+    to ``grad_scale``). ``impl`` is ``"triton"`` or ``"torch"``; ``class_dim=0`` (torch only)
+    takes ``(V, N)`` logits and gradient instead.
     """
     if grad_out is not None and grad_scale is None:
         raise ValueError("cross_entropy_rows: grad_scale is required when grad_out is given")
@@ -463,6 +478,10 @@ def cross_entropy_rows(
         "want_z": want_z,
         "want_correct": want_correct,
     }
+    if class_dim != 1:
+        if impl != "torch" or class_dim != 0:
+            raise ValueError("class_dim=0 (the (V, N) layout) is only on the torch path")
+        extra["class_dim"] = 0
     if impl == "triton":
         return _ce_rows_triton(logits, labels, ignore_index, softcap, grad_scale, grad_out, **extra)
     if impl == "torch":
