@@ -319,7 +319,8 @@ def _repair(sizes: np.ndarray, bin_of: np.ndarray, loads: np.ndarray, capacity: 
         while load[o] > capacity:
             trade = None
             a_idx = items(o)
-            for u in partners():
+            tries = partners()
+            for u in tries:
                 b_idx = items(u)
                 trade = _best_trade(
                     sizes[a_idx],
@@ -330,6 +331,7 @@ def _repair(sizes: np.ndarray, bin_of: np.ndarray, loads: np.ndarray, capacity: 
                 )
                 if trade is not None:
                     break
+            tries.close()  # puts the roomiest bins it took back on the heap
             if trade is None:
                 return False
             i, j, delta = trade
