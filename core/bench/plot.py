@@ -67,7 +67,7 @@ def plot_scenario(
             values,
             color=["#4c72b0" if v >= 1 else "#c44e52" for v in values]
             if ax is axes[0]
-            else ["#c44e52" if v > 1 else "#55a868" for v in values],
+            else ["#c44e52" if v > 1.01 else "#55a868" for v in values],
         )
         ax.axvline(1.0, color="black", linewidth=0.8)
         ax.set_title(title, fontsize=10)
