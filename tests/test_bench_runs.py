@@ -7,11 +7,14 @@ from __future__ import annotations
 import csv
 import json
 import shutil
+import signal
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
+import psutil
 import pytest
 
 from accel.bench import datasets, models
@@ -93,6 +96,39 @@ def test_matrix_end_to_end_resume_and_compare(bench_cache: Path, tmp_path: Path)
     assert worker["tokens_this_rank"][0] == int(done["train_tokens"])  # the trainer's own count
 
     records_before = (out / "results.jsonl").read_text().splitlines()
+    # interrupted (SIGTERM, as a cancelled CI job) while the next run is in progress: the run
+    # is killed with its process group, what was recorded stays
+    started = [p.parent for p in (out / "runs").glob("*/run.json")]
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "accel.cli",
+            "bench",
+            str(scenario),
+            "--output",
+            str(out),
+            "--no-progress",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=tmp_path,
+    )
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and not [
+        p for p in (out / "runs").glob("*/run.json") if p.parent not in started
+    ]:
+        time.sleep(0.2)
+    time.sleep(1.0)
+    workers = psutil.Process(proc.pid).children(recursive=True)
+    assert workers, "the next run did not start"
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and "accel: interrupted" in err, err
+    assert not [w for w in workers if w.is_running() and w.status() != psutil.STATUS_ZOMBIE]
+    assert (out / "results.jsonl").read_text().splitlines() == records_before
+
     second = _bench(str(scenario), "--output", str(out), cwd=tmp_path)
     assert second.returncode == 0, second.stdout + second.stderr
     assert "1 run(s) this time (1 completed); 2 already done" in second.stdout
