@@ -236,6 +236,20 @@ def test_entity_maps_to_the_trainer_arguments() -> None:
     assert "fsdp_size" not in second and "fast_kernels" not in second
 
 
+def test_out_of_memory_classification() -> None:
+    from accel.bench.outcome import is_out_of_memory, killed_by_oom_killer
+
+    assert is_out_of_memory("torch.OutOfMemoryError", "CUDA out of memory. Tried to allocate")
+    assert is_out_of_memory("RuntimeError", "CUDA error: an illegal memory access was encountered")
+    assert is_out_of_memory("RuntimeError", "DefaultCPUAllocator: can't allocate memory: you tried")
+    assert is_out_of_memory("builtins.MemoryError", "")
+    assert not is_out_of_memory("RuntimeError", "NCCL Error 2: unhandled system error")
+    assert not is_out_of_memory("accel.errors.ConfigError", "fsdp_size 2 needs a multi-process")
+    assert killed_by_oom_killer(-9) and killed_by_oom_killer(137)
+    assert killed_by_oom_killer(1, "... Signal 9 (SIGKILL) received by PID 123")
+    assert not killed_by_oom_killer(1, "Traceback ...") and not killed_by_oom_killer(0)
+
+
 def test_auto_stop_rule() -> None:
     assert not auto_stop_due(100.0, None, 50)  # still warming up
     assert not auto_stop_due(150.0, 61.0, 40)  # 89 s of the 120 s stable phase

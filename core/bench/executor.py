@@ -218,7 +218,7 @@ def execute(
         )
     if returncode != 0 or not any(r.get("ok") for r in results):
         tail = _log_tail(log)
-        if killed_by_oom_killer(returncode):
+        if killed_by_oom_killer(returncode, tail):
             return RunOutcome(
                 INVALID,
                 {"is_valid": False},

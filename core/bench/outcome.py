@@ -37,6 +37,9 @@ def is_out_of_memory(error_type: str, message: str) -> bool:
     return name in OOM_TYPES or any(m in message for m in OOM_MESSAGES)
 
 
-def killed_by_oom_killer(returncode: int | None) -> bool:
-    """A worker that died of SIGKILL (``-9``, or 137 through a launcher) without reporting."""
-    return returncode in (-signal.SIGKILL, 128 + signal.SIGKILL)
+def killed_by_oom_killer(returncode: int | None, log_tail: str = "") -> bool:
+    """A worker that died of SIGKILL without reporting: ``-9`` (or 137 through a shell), or
+    torchrun's report of a rank killed by signal 9."""
+    if returncode in (-signal.SIGKILL, 128 + signal.SIGKILL):
+        return True
+    return bool(returncode) and "Signal 9 (SIGKILL)" in log_tail
