@@ -1,6 +1,7 @@
 """CPU benchmark of accel-peft: base-weight memory, peak training RSS and tokens/s of
 bf16 LoRA, the common QLoRA recipe (bitsandbytes + PEFT's prepare_model_for_kbit_training,
-fp32 upcast included), accel QLoRA, accel QLoRA + fused LoRA + fast kernels, and GPTQ-LoRA,
+fp32 upcast included), accel QLoRA, accel QLoRA + fused LoRA + fast kernels, and GPTQ-LoRA
+without and with fused LoRA + fast kernels,
 side by side in one run on one Llama built from a config (random weights: speed and memory
 do not depend on them).
 
@@ -32,6 +33,11 @@ CONFIGS = {
         "fused_lora": ["bitsandbytes", True],
     },
     "accel GPTQ-LoRA (4-bit, group 128)": {"auto_gptq": ["triton_v2"]},
+    "accel GPTQ-LoRA + fused LoRA + fast kernels": {
+        "auto_gptq": ["triton_v2"],
+        "fast_kernels": [True, True, True],
+        "fused_lora": ["auto_gptq", True],
+    },
 }
 
 
