@@ -81,6 +81,107 @@ def test_bad_dataset_id_names_the_patterns() -> None:
 BASE = {"model_name": "tiny-llama", "model_max_length": 64, "number_gpus": 2, "batch_size": 4}
 
 
+def test_mixture_parts_differ_in_length_and_content_and_are_deterministic(
+    tmp_path: Path,
+) -> None:
+    first = datasets.mixture_paths("news-mix-3-entries-8", seed=2, root=tmp_path / "a")
+    again = datasets.mixture_paths("news-mix-3-entries-8", seed=2, root=tmp_path / "b")
+    other = datasets.mixture_paths("news-mix-3-entries-8", seed=3, root=tmp_path / "c")
+    assert [name for name, _ in first] == ["part0", "part1", "part2"]
+    assert [p.read_bytes() for _, p in first] == [p.read_bytes() for _, p in again]
+    assert [p.read_bytes() for _, p in first] != [p.read_bytes() for _, p in other]
+    assert not list((tmp_path / "a").rglob(".*"))  # no temporary files left behind
+    vocabularies = []
+    for i, (_, path) in enumerate(first):
+        rows = [json.loads(line)["output"] for line in path.read_text().splitlines()]
+        assert len(rows) == 8
+        chars = datasets.MIX_BASE_CHARS * 2**i
+        assert {len(r) for r in rows} == {2 * chars + len(datasets.PROMPT)}
+        assert all(r[chars:].startswith(datasets.PROMPT) for r in rows)
+        words = {w for r in rows for w in datasets.tokens_of(r.replace(datasets.PROMPT, " "))}
+        vocabularies.append({w for w in words if len(w) > 1 and w.isalpha()})
+    # the parts draw from disjoint vocabulary slices (short words end a text exactly)
+    assert len(vocabularies[0] & vocabularies[2]) < 0.2 * len(vocabularies[0])
+    # the bench tokenizer's counts follow the lengths: part i's entries are ~2x part i-1's
+    tokenizer = models.build_tokenizer()
+    counts = [sum(datasets.reference_token_counts(p, tokenizer, 10_000)) for _, p in first]
+    assert counts[0] < counts[1] < counts[2]
+    # generate_rows of the id: the parts one after the other
+    spec = datasets.parse_dataset_id("news-mix-3-entries-8")
+    assert len(datasets.generate_rows(spec, 2)) == 24
+    assert datasets.dataset_path("news-mix-3-entries-8", 2, tmp_path / "a") == first[0][1]
+
+
+def test_mixture_data_config_with_and_without_odm(tmp_path: Path) -> None:
+    from accel.trainer.datamix import read_data_config
+
+    root = tmp_path / "cache"
+    on = datasets.write_data_config(
+        "news-mix-2-entries-4", tmp_path / "run1" / "data_config.yaml", "train_loss", root=root
+    )
+    off = datasets.write_data_config(
+        "news-mix-2-entries-4", tmp_path / "run2" / "data_config.yaml", None, root=root
+    )
+    with_odm, without = read_data_config(str(on)), read_data_config(str(off))
+    assert with_odm.type == "odm" and dict(with_odm.odm) == {"reward_type": "train_loss"}
+    assert without.type == "default" and not without.odm
+    parts = datasets.mixture_paths("news-mix-2-entries-4", root=root)
+    for config in (with_odm, without):  # the same files: the run without odm is the baseline
+        assert [d.name for d in config.datasets] == ["part0", "part1"]
+        assert [d.data_paths for d in config.datasets] == [(str(p),) for _, p in parts]
+        assert all(d.sampling is None for d in config.datasets)
+    assert not list(tmp_path.rglob(".data_config*"))
+
+
+def test_odm_entity_maps_to_the_data_config_and_the_flag() -> None:
+    (scenario,) = parse_scenarios(
+        {
+            "experiment": "finetune_full_benchmark",
+            "entities": [
+                {**BASE, "dataset_id": "news-mix-3-entries-64"},
+                {**BASE, "dataset_id": "news-mix-3-entries-64", "odm": "train_loss"},
+            ],
+        },
+        gpu_model="cpu",
+    )
+    off, on = (
+        trainer_arguments(e, "m", "r/data_config.yaml", "o", "none") for e in scenario.entities
+    )
+    assert off["data_config"] == on["data_config"] == "r/data_config.yaml"
+    assert "training_data_path" not in off and "odm" not in off
+    assert on["odm"] == ["train_loss"]
+    assert scenario.varying() == ["odm"]
+    plain = trainer_arguments(scenario.entities[0], "m", "d.jsonl", "o", "none")
+    assert plain["training_data_path"] == "d.jsonl" and "data_config" not in plain
+
+
+def test_odm_family_is_skipped_with_the_install_command_when_missing(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from importlib import metadata
+
+    from accel.bench import runner
+
+    (scenario,) = parse_scenarios(
+        {
+            "experiment": "finetune_full_benchmark",
+            "entities": [{**BASE, "dataset_id": "news-mix-2-entries-8", "odm": "entropy"}],
+        },
+        gpu_model="cpu",
+    )
+    assert runner.missing_plugins(scenario.entities[0]) == []  # installed in this venv
+    real = metadata.distribution
+
+    def without_odm(name: str) -> metadata.Distribution:
+        if name == "accel-odm":
+            raise metadata.PackageNotFoundError(name)
+        return real(name)
+
+    monkeypatch.setattr(runner.metadata, "distribution", without_odm)
+    (missing,) = runner.missing_plugins(scenario.entities[0])
+    assert missing.startswith("accel-odm (") and "install odm" in missing
+
+
 def _values(**changes: object) -> dict:
     (scenario,) = parse_scenarios(
         {"experiment": "finetune_full_benchmark", "entities": [{**BASE, **changes}]},
@@ -196,6 +297,24 @@ def test_space_is_crossed_and_ids_are_stable() -> None:
             "auto_stop_method",
         ),
         ({"entities": [BASE]}, "missing `experiment:`"),
+        (
+            {"experiment": "finetune_full_benchmark", "entities": [{**BASE, "odm": "train_loss"}]},
+            "use a mixture id news-mix-<K>-entries-<M>",
+        ),
+        (
+            {
+                "experiment": "finetune_full_benchmark",
+                "entities": [{**BASE, "dataset_id": "news-mix-2-entries-8", "odm": "gradnorm"}],
+            },
+            "odm 'gradnorm' is not one of train_loss",
+        ),
+        (
+            {
+                "experiment": "finetune_full_benchmark",
+                "entities": [{**BASE, "dataset_id": "news-mix-1-entries-8"}],
+            },
+            "K = 2..6 datasets",
+        ),
     ],
 )
 def test_scenario_errors(raw: dict, message: str) -> None:

@@ -9,7 +9,13 @@ The ids follow ado's SFTTrainer actuator (``ado-sfttrainer-experiments.md``):
   the bench tokenizer, which every model of :mod:`accel.bench.models` uses);
 - ``news-longtail-<N>-entries-<M>`` (accel's addition, for padding-free and multipack): the two
   text parts are log-normally distributed in length up to ``N`` characters each, so a batch
-  mixes a few long entries with many short ones, as real instruction data does.
+  mixes a few long entries with many short ones, as real instruction data does;
+- ``news-mix-<K>-entries-<M>`` (accel's addition, for online data mixing): K datasets of M
+  entries each, dataset ``i`` (``part<i>``, i = 0..K-1) with text parts of
+  ``MIX_BASE_CHARS * 2**i`` characters drawn from its own slice of the vocabulary, so the
+  parts differ in length and content (and in loss). The harness turns the id into a
+  ``--data_config`` (see :func:`write_data_config`): ``dataprocessor.type: odm`` with the
+  ``odm`` parameter, ``type: default`` (every part once per epoch) without it.
 
 The reference's ids (``news-chars-512-entries-4096``, ``news-chars-1024-entries-4096``,
 ``news-chars-2048-entries-4096``, ``news-tokens-16384plus-entries-4096``) are the same
@@ -106,6 +112,7 @@ class DatasetSpec:
 
 
 _PATTERNS = (
+    ("mix", re.compile(r"news-mix-(\d+)-entries-(\d+)")),
     ("chars", re.compile(r"news-chars-(\d+)-entries-(\d+)")),
     ("tokens", re.compile(r"news-tokens-(\d+)plus-entries-(\d+)")),
     ("longtail", re.compile(r"news-longtail-(\d+)-entries-(\d+)")),
@@ -123,14 +130,35 @@ def parse_dataset_id(dataset_id: str) -> DatasetSpec:
         match = pattern.fullmatch(str(dataset_id))
         if match:
             size, entries = int(match.group(1)), int(match.group(2))
-            if size < 1 or entries < 1:
+            if size < 1 or entries < 1 or (kind == "mix" and not 2 <= size <= MIX_MAX_PARTS):
                 break
             return DatasetSpec(str(dataset_id), kind, size, entries)
     raise ConfigError(
         f"dataset_id {dataset_id!r} is not a bench dataset; use news-chars-<N>-entries-<M>, "
-        f"news-tokens-<N>plus-entries-<M> or news-longtail-<N>-entries-<M> (the reference's: "
+        f"news-tokens-<N>plus-entries-<M>, news-longtail-<N>-entries-<M> or news-mix-<K>-entries-<M> "
+        f"(K = 2..{MIX_MAX_PARTS} datasets; the reference's: "
         f"{', '.join(REFERENCE_IDS)})"
     )
+
+
+MIX_BASE_CHARS = 48
+MIX_MAX_PARTS = 6
+
+
+def is_mixture(dataset_id: str) -> bool:
+    """Whether ``dataset_id`` names several datasets (``news-mix-<K>-entries-<M>``)."""
+    return parse_dataset_id(dataset_id).kind == "mix"
+
+
+def mixture_parts(spec: DatasetSpec) -> list[tuple[str, int, tuple[str, ...]]]:
+    """Per part of a mixture: its name, its text-part length in characters, its vocabulary
+    (a disjoint slice of the news words, so the parts' contents differ)."""
+    k = spec.size
+    chunk = len(NEWS_WORDS) // k
+    return [
+        (f"part{i}", MIX_BASE_CHARS * 2**i, NEWS_WORDS[i * chunk : (i + 1) * chunk])
+        for i in range(k)
+    ]
 
 
 def tokens_of(text: str) -> list[str]:
@@ -138,8 +166,9 @@ def tokens_of(text: str) -> list[str]:
     return re.findall(r"\w+|[^\w\s]+", text)
 
 
-def _text_of_chars(rng: random.Random, chars: int) -> str:
-    """Words and sentence punctuation, exactly ``chars`` characters long."""
+def _text_of_chars(rng: random.Random, chars: int, vocabulary: tuple[str, ...] = NEWS_WORDS) -> str:
+    """Words and sentence punctuation, exactly ``chars`` characters long (the words from
+    ``vocabulary``, the last one from every length so the budget is met exactly)."""
     parts: list[str] = []
     length = 0
     while length < chars:
@@ -148,7 +177,7 @@ def _text_of_chars(rng: random.Random, chars: int) -> str:
             parts[-1] += "."
             length += 1
             continue
-        word = rng.choice(NEWS_WORDS) if left > MAX_WORD else rng.choice(_BY_LENGTH[left])
+        word = rng.choice(vocabulary) if left > MAX_WORD else rng.choice(_BY_LENGTH[left])
         if left > MAX_WORD + 2 and rng.random() < 0.08:
             word += rng.choice(PUNCTUATION)
         parts.append(word)
@@ -175,8 +204,25 @@ def _longtail_chars(rng: random.Random, limit: int) -> int:
     return int(min(max(value, 8), limit))
 
 
+def generate_part(spec: DatasetSpec, part: int, seed: int = 0) -> list[dict[str, str]]:
+    """The entries of part ``part`` of the mixture ``spec`` (deterministic by ``seed``)."""
+    name, chars, vocabulary = mixture_parts(spec)[part]
+    rng = random.Random(f"{spec.dataset_id}/{name}/{seed}")
+    return [
+        {
+            "output": _text_of_chars(rng, chars, vocabulary)
+            + PROMPT
+            + _text_of_chars(rng, chars, vocabulary)
+        }
+        for _ in range(spec.entries)
+    ]
+
+
 def generate_rows(spec: DatasetSpec, seed: int = 0) -> list[dict[str, str]]:
-    """The entries of ``spec`` (deterministic by ``seed``)."""
+    """The entries of ``spec`` (deterministic by ``seed``); a mixture's parts one after the
+    other."""
+    if spec.kind == "mix":
+        return [row for i in range(spec.size) for row in generate_part(spec, i, seed)]
     rng = random.Random(f"{spec.dataset_id}/{seed}")
     rows = []
     prompt_tokens = len(tokens_of(PROMPT))
@@ -199,19 +245,81 @@ def cache_dir() -> Path:
     return Path(base) / "bench" / "datasets"
 
 
-def dataset_path(dataset_id: str, seed: int = 0, root: Path | None = None) -> Path:
-    """The JSONL file of ``dataset_id``, generated on first use (atomically) and cached."""
-    spec = parse_dataset_id(dataset_id)
-    root = Path(root) if root is not None else cache_dir()
-    path = root / f"v{GENERATOR_VERSION}" / f"{spec.dataset_id}-seed{seed}.jsonl"
-    if path.is_file():
-        return path
+def _write_rows(path: Path, rows: list[dict[str, str]]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
         with os.fdopen(fd, "w") as fh:
-            for row in generate_rows(spec, seed):
+            for row in rows:
                 fh.write(json.dumps(row) + "\n")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def dataset_path(dataset_id: str, seed: int = 0, root: Path | None = None) -> Path:
+    """The JSONL file of ``dataset_id``, generated on first use (atomically) and cached. For
+    a mixture: its first part (see :func:`mixture_paths` for all of them)."""
+    spec = parse_dataset_id(dataset_id)
+    if spec.kind == "mix":
+        return mixture_paths(dataset_id, seed, root)[0][1]
+    root = Path(root) if root is not None else cache_dir()
+    path = root / f"v{GENERATOR_VERSION}" / f"{spec.dataset_id}-seed{seed}.jsonl"
+    if not path.is_file():
+        _write_rows(path, generate_rows(spec, seed))
+    return path
+
+
+def mixture_paths(
+    dataset_id: str, seed: int = 0, root: Path | None = None
+) -> list[tuple[str, Path]]:
+    """``(name, JSONL file)`` of every part of the mixture ``dataset_id``, each generated on
+    first use (atomically) and cached."""
+    spec = parse_dataset_id(dataset_id)
+    if spec.kind != "mix":
+        raise ConfigError(f"dataset_id {dataset_id!r} is not a mixture (news-mix-<K>-entries-<M>)")
+    root = Path(root) if root is not None else cache_dir()
+    folder = root / f"v{GENERATOR_VERSION}" / f"{spec.dataset_id}-seed{seed}"
+    out = []
+    for i, (name, _, _) in enumerate(mixture_parts(spec)):
+        path = folder / f"{name}.jsonl"
+        if not path.is_file():
+            _write_rows(path, generate_part(spec, i, seed))
+        out.append((name, path))
+    return out
+
+
+def write_data_config(
+    dataset_id: str,
+    path: Path,
+    odm: str | None,
+    seed: int = 0,
+    data_seed: int = 42,
+    root: Path | None = None,
+) -> Path:
+    """Write (atomically) the ``--data_config`` of a mixture: its parts as the datasets, with
+    ``dataprocessor.type: odm`` and ``reward_type: odm`` when ``odm`` is given, else
+    ``type: default`` without weights (every part once per epoch: the same examples, so the
+    run without odm is the baseline of the run with it)."""
+    import yaml
+
+    processor: dict[str, object] = {"type": "odm" if odm else "default", "seed": data_seed}
+    if odm:
+        processor["odm"] = {"reward_type": odm}
+    config = {
+        "dataprocessor": processor,
+        "datasets": [
+            {"name": name, "data_paths": [str(p.resolve())]}
+            for name, p in mixture_paths(dataset_id, seed, root)
+        ],
+    }
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as fh:
+            yaml.safe_dump(config, fh, sort_keys=False)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -112,6 +112,11 @@ def trainer_arguments(
             args[flag] = _flag_values(v[flag])
     if v.get("fast_moe"):
         args["fast_moe"] = [int(v["fast_moe"])]
+    if data_path.endswith((".yaml", ".yml")):  # a mixture: its data config, not one file
+        del args["training_data_path"]
+        args["data_config"] = data_path
+    if v.get("odm"):
+        args["odm"] = [str(v["odm"])]
     if processes > 1 and v.get("distributed_backend") == "FSDP" and not v.get("fast_moe"):
         args["fsdp_size"] = processes
     return args
@@ -160,13 +165,15 @@ def execute(
     train_args: dict[str, Any],
     port: int,
     timeout: float | None = None,
+    clear: bool = True,
 ) -> RunOutcome:
-    """Run ``entity`` once in its own process(es) and classify what happened."""
+    """Run ``entity`` once in its own process(es) and classify what happened. ``clear``:
+    empty ``run_dir`` first (False: the caller did, and put the run's inputs there)."""
     from .sampler import ResourceSampler
 
-    if run_dir.exists():
+    if clear and run_dir.exists():
         shutil.rmtree(run_dir)  # a previous attempt's files (ours)
-    run_dir.mkdir(parents=True)
+    run_dir.mkdir(parents=True, exist_ok=True)
     run_file = run_dir / "run.json"
     bench = {
         k: entity.values.get(k)

@@ -56,8 +56,10 @@ def missing_plugins(entity: Entity) -> list[str]:
     return missing
 
 
-def _prepare(entity: Entity) -> tuple[str, str]:
-    from .datasets import dataset_path
+def _prepare(entity: Entity, run_dir: Path) -> tuple[str, str]:
+    """The model folder and the training data: the dataset's JSONL file, or for a mixture
+    (``news-mix-...``) a data config written into the run's folder."""
+    from .datasets import dataset_path, is_mixture, write_data_config
     from .models import gptq_path, model_path
 
     v = entity.values
@@ -66,6 +68,11 @@ def _prepare(entity: Entity) -> tuple[str, str]:
         model = gptq_path(str(v["model_name"]), calibration=data)
     else:
         model = model_path(str(v["model_name"]))
+    if is_mixture(str(v["dataset_id"])):
+        config = run_dir / "data_config.yaml"
+        data = write_data_config(
+            str(v["dataset_id"]), config, v.get("odm"), int(v["dataset_seed"]), int(v["seed"])
+        )
     return str(model), str(data)
 
 
@@ -117,8 +124,13 @@ class Matrix:
         return port
 
     def _run_once(self, entity: Entity, run_dir: Path) -> RunOutcome:
+        import shutil
+
+        if run_dir.exists():
+            shutil.rmtree(run_dir)  # a previous attempt's files (ours)
+        run_dir.mkdir(parents=True)
         try:
-            model, data = _prepare(entity)
+            model, data = _prepare(entity, run_dir)
         except Exception as err:  # preparing is part of the measurement: failed, retried
             return RunOutcome(
                 FAILED,
@@ -127,7 +139,7 @@ class Matrix:
             )
         peft_method = FAMILIES[entity.experiment]["peft_method"]
         args = trainer_arguments(entity, model, data, str(run_dir / "train"), peft_method)
-        return execute(entity, run_dir, args, self._port(), self.timeout)
+        return execute(entity, run_dir, args, self._port(), self.timeout, clear=False)
 
     def _stability(self, entity: Entity, run_dir: Path) -> RunOutcome:
         repeats = max(1, int(entity.values["repeats"]))

@@ -85,6 +85,7 @@ PARAMETERS: dict[str, Any] = {
     "multipack": None,
     "bnb_qlora": None,  # accel's QLoRA (plugin accel-peft), e.g. nf4
     "auto_gptq": None,
+    "odm": None,  # online data mixing (plugin accel-odm): a reward name; needs a news-mix id
     "optim": "adamw_torch",
     "bf16": False,
     "r": 4,
@@ -106,7 +107,11 @@ PLUGIN_FLAGS = (
     "multipack",
     "bnb_qlora",
     "auto_gptq",
+    "odm",
 )
+#: the odm plugin's rewards that come from the training forward (validation_loss is left out:
+#: its evaluations would count in the measured train_runtime)
+ODM_REWARDS = ("train_loss", "entropy", "entropy3_varent1", "entropy_varentropy")
 BACKENDS = ("DDP", "FSDP")
 
 
@@ -220,6 +225,20 @@ def _check_values(where: str, given: Mapping[str, Any]) -> None:
         from .datasets import parse_dataset_id
 
         parse_dataset_id(given["dataset_id"])
+    odm = given.get("odm")
+    if odm is not None and odm not in ODM_REWARDS:
+        raise ConfigError(
+            f"{where}: odm {odm!r} is not one of {', '.join(ODM_REWARDS)}, null (off)"
+        )
+    if odm is not None:
+        from .datasets import is_mixture
+
+        dataset = given.get("dataset_id") or PARAMETERS["dataset_id"]
+        if not is_mixture(dataset):
+            raise ConfigError(
+                f"{where}: odm {odm} mixes several datasets, but dataset_id {dataset!r} is one; "
+                "use a mixture id news-mix-<K>-entries-<M>"
+            )
     if given.get("model_name") is not None:
         from .models import check_model_name
 
