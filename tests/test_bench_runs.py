@@ -198,3 +198,43 @@ def yaml_scenario(text: str) -> dict:
     import yaml
 
     return yaml.safe_load(textwrap.dedent(text))
+
+
+ODM_SCENARIO = """
+experiment: finetune_full_benchmark
+name: odm-e2e
+defaults:
+  model_name: tiny-llama
+  model_max_length: 64
+  number_gpus: 1
+  batch_size: 4
+  dataset_id: news-mix-2-entries-8
+  gradient_accumulation_steps: 1
+  gradient_checkpointing: false
+  torch_dtype: float32
+  max_steps: 3
+entities:
+  - {odm: train_loss}
+"""
+
+
+def test_odm_entity_trains_a_mixture_through_its_data_config(
+    bench_cache: Path, tmp_path: Path
+) -> None:
+    scenario = tmp_path / "odm.yaml"
+    scenario.write_text(ODM_SCENARIO)
+    out = tmp_path / "out"
+    result = _bench(str(scenario), "--output", str(out), cwd=tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
+    (row,) = _rows(out / "results.csv").values()
+    assert row["status"] == COMPLETED, row["reason"]
+    assert int(row["train_steps"]) == 3 and int(row["dataset_tokens"]) > 0
+    (run,) = (out / "runs").iterdir()
+    config = (run / "data_config.yaml").read_text()  # the run's own data config
+    assert "type: odm" in config and "reward_type: train_loss" in config
+    train = json.loads((run / "run.json").read_text())["train"]
+    assert train["data_config"] == str(run / "data_config.yaml") and train["odm"] == ["train_loss"]
+    # the odm plugin ran: it logs its per-dataset probabilities at every update
+    lines = [json.loads(x) for x in (run / "train" / "odm.jsonl").read_text().splitlines()]
+    assert lines and all(line["datasets"] == ["part0", "part1"] for line in lines)
+    assert all(len(line["probabilities"]) == 2 for line in lines)
