@@ -466,3 +466,11 @@ def test_cli_scenario_errors_are_one_line(tmp_path: Path) -> None:
     bad.write_text("experiment: [unclosed\n")
     done = _bench(str(bad), "--output", "o", cwd=tmp_path)
     assert done.returncode == 2 and "not valid YAML" in done.stderr
+    bad.write_text(
+        "experiment: finetune_full_benchmark\nentities:\n  - {model_name: tiny-llama, "
+        "model_max_length: 64, number_gpus: 1, batch_size: 4, odm: train_loss}\n"
+    )
+    done = _bench(str(bad), "--output", str(tmp_path / "out"), cwd=tmp_path)
+    assert done.returncode == 2 and done.stderr.count("\n") == 1, done.stderr
+    assert "odm train_loss mixes several datasets" in done.stderr
+    assert not (tmp_path / "out").exists()
