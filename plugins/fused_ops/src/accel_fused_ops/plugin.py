@@ -88,7 +88,7 @@ class FusedOpsPlugin(AccelerationPlugin):
             self._restore_smoothing = None
         if not (self.settings.token_accuracy or self.settings.z_loss):
             return []
-        from .loss import metrics_callback
+        from .integration.loss import metrics_callback
 
         return [metrics_callback(model, accelerator)]
 

@@ -5,7 +5,7 @@ before ``loss_function`` ("none", "scale", "softcap"); the fused linear cross-en
 the same transform inside its chunks. Before any rule is returned, a class whose forward
 applies a transform the table does not list, or a scaled head with a bias (scaling would not
 commute with it), is refused. The loss hook itself (what is installed) is
-:mod:`accel_fused_ops.loss`.
+:mod:`accel_fused_ops.integration.loss`.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ def check_head(module: Any, kind: str) -> None:
                 f"fast_loss: {cls}.forward applies {attr} to the logits, which the fused loss "
                 "does not expect for this class; switch fast_loss off"
             )
-    from ..loss import head_bias
+    from .loss import head_bias
 
     head = module.get_output_embeddings()
     if head is None:
@@ -45,7 +45,7 @@ def check_head(module: Any, kind: str) -> None:
 def rules(settings: Any, model: Any) -> list[PatchRule]:
     """The loss rule of ``settings.loss_mode``: ``cross_entropy_loss`` or
     ``linear_cross_entropy_loss``."""
-    from ..loss import install_cross_entropy_loss, install_fused_linear_loss
+    from .loss import install_cross_entropy_loss, install_fused_linear_loss
 
     fused = settings.loss_mode == "fused_linear"
     for module in model.modules():

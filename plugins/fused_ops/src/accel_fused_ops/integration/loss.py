@@ -39,8 +39,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .kernels.cross_entropy import LossOutput, cross_entropy
-from .kernels.linear_cross_entropy import (
+from ..kernels.cross_entropy import LossOutput, cross_entropy
+from ..kernels.linear_cross_entropy import (
     fused_linear_cross_entropy,
     fused_linear_cross_entropy_module,
 )
