@@ -213,9 +213,11 @@ class AccelerationFramework:
         for plugin in self.plugins:
             supported = plugin.model_types
             if supported is not None and model_type not in supported:
+                reason = plugin.unsupported_reasons.get(model_type)
+                why = f": {reason}" if reason else ""
                 raise UnsupportedModelError(
                     f"plugin '{plugin.name}' does not support model_type '{model_type}' "
-                    f"({type(model_config).__name__}); supported: {', '.join(supported)}"
+                    f"({type(model_config).__name__}){why}; supported: {', '.join(supported)}"
                 )
 
     # The named entry points of a run; each is one dispatch (the rules live in ``call``).

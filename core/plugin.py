@@ -44,6 +44,9 @@ class AccelerationPlugin:
     before: ClassVar[tuple[str, ...]] = ()
     #: ``config.model_type`` values supported; ``None`` means any architecture
     model_types: ClassVar[tuple[str, ...] | None] = None
+    #: ``config.model_type`` -> why it is refused, for known architectures outside
+    #: ``model_types`` (the refusal shows it)
+    unsupported_reasons: ClassVar[Mapping[str, str]] = {}
     #: requirement strings checked at activation, e.g. ``"bitsandbytes>=0.45"``
     required_packages: ClassVar[tuple[str, ...]] = ()
     #: the core versions this plugin works with (a PEP 440 specifier)

@@ -39,6 +39,7 @@ class KernelsPlugin(AccelerationPlugin):
         ),
     )
     model_types = ("llama", "mistral")
+    unsupported_reasons = {"gpt_bigcode": "its fused qkv projection is not handled"}
 
 
 class LoaderPlugin(AccelerationPlugin):

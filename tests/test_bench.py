@@ -13,7 +13,7 @@ import pytest
 
 from accel.bench import datasets, models
 from accel.bench.compare import compare
-from accel.bench.executor import trainer_arguments
+from accel.bench.executor import RUN_MARKER, fresh_run_dir, trainer_arguments
 from accel.bench.scenario import invalid_reasons, parse_scenarios
 from accel.bench.worker import auto_stop_due
 from accel.errors import ConfigError
@@ -353,6 +353,21 @@ def test_entity_maps_to_the_trainer_arguments() -> None:
     assert first["gradient_accumulation_steps"] == 4 and first["learning_rate"] == 1e-5
     second = trainer_arguments(scenario.entities[1], "m", "d.jsonl", "o", "lora")
     assert "fsdp_size" not in second and "fast_kernels" not in second
+
+
+def test_a_run_folder_is_cleared_only_when_accel_bench_made_it(tmp_path: Path) -> None:
+    """Resuming clears a failed attempt's folder; a folder the user put there is refused, kept."""
+    ours = tmp_path / "runs" / "e1"
+    fresh_run_dir(ours)
+    (ours / "log.txt").write_text("a failed attempt")
+    fresh_run_dir(ours)
+    assert sorted(p.name for p in ours.iterdir()) == [RUN_MARKER]
+    theirs = tmp_path / "runs" / "e2"
+    theirs.mkdir()
+    (theirs / "notes.txt").write_text("mine")
+    with pytest.raises(ConfigError, match="e2 exists and was not written by accel bench"):
+        fresh_run_dir(theirs)
+    assert (theirs / "notes.txt").read_text() == "mine"
 
 
 def test_out_of_memory_classification() -> None:

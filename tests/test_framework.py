@@ -112,14 +112,18 @@ def test_missing_required_package_names_pip_command():
 
 
 def test_unsupported_architecture():
-    from transformers import GPTBigCodeConfig, LlamaConfig
+    from transformers import GPTBigCodeConfig, LlamaConfig, Qwen2Config
 
     fw = AccelerationFramework(cfg("training.kernels"), available=ALL)
     fw.check_model(LlamaConfig())
     with pytest.raises(
-        UnsupportedModelError, match="'kernels' does not support model_type 'gpt_bigcode'"
+        UnsupportedModelError,
+        match="'kernels' does not support model_type 'gpt_bigcode' .GPTBigCodeConfig.: its "
+        "fused qkv projection is not handled; supported: llama, mistral",
     ):
         fw.check_model(GPTBigCodeConfig())
+    with pytest.raises(UnsupportedModelError, match=r"'qwen2' \(Qwen2Config\); supported"):
+        fw.check_model(Qwen2Config())  # no reason on record: none invented
 
 
 def test_ordering_cycle_detected():

@@ -356,7 +356,7 @@ def main(argv: list[str] | None = None) -> None:
         "|---:|---:|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"
     )
     rows, meters = [], set()
-    print(header, flush=True)
+    print(header, file=sys.stderr, flush=True)  # progress; the report goes to stdout
     total = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         for case in args.cases:
@@ -372,7 +372,7 @@ def main(argv: list[str] | None = None) -> None:
                         path.unlink()
                     row = _row(case, weight, method, res, saved)
                     rows.append(row)
-                    print(row, flush=True)
+                    print(row, file=sys.stderr, flush=True)
                 del saved
     elapsed = time.perf_counter() - total
     report = "\n".join(
@@ -387,7 +387,7 @@ def main(argv: list[str] | None = None) -> None:
             *rows,
         ]
     )
-    print("\n" + report)
+    print(report)
     if args.out:
         args.out.write_text(report + "\n")
 

@@ -159,6 +159,25 @@ def _devices(entity: Entity) -> list[int]:
     return list(range(count))
 
 
+#: written into every run folder accel bench creates; a folder without it is not ours
+RUN_MARKER = ".accel-bench-run"
+
+
+def fresh_run_dir(run_dir: Path) -> None:
+    """Make ``run_dir`` empty for a new attempt, deleting only a folder accel bench made."""
+    if run_dir.exists():
+        if not (run_dir / RUN_MARKER).is_file():
+            from ..errors import ConfigError
+
+            raise ConfigError(
+                f"{run_dir} exists and was not written by accel bench; move it away or choose "
+                "another --output"
+            )
+        shutil.rmtree(run_dir)  # a previous attempt's files (ours: the marker says so)
+    run_dir.mkdir(parents=True)
+    (run_dir / RUN_MARKER).write_text("")
+
+
 def execute(
     entity: Entity,
     run_dir: Path,
@@ -171,8 +190,8 @@ def execute(
     empty ``run_dir`` first (False: the caller did, and put the run's inputs there)."""
     from .sampler import ResourceSampler
 
-    if clear and run_dir.exists():
-        shutil.rmtree(run_dir)  # a previous attempt's files (ours)
+    if clear:
+        fresh_run_dir(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     run_file = run_dir / "run.json"
     bench = {

@@ -19,7 +19,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from .executor import RunOutcome, execute, trainer_arguments
+from .executor import RunOutcome, execute, fresh_run_dir, trainer_arguments
 from .outcome import COMPLETED, FAILED, INVALID
 from .scenario import FAMILIES, PLUGIN_FLAGS, Entity, Scenario, invalid_reasons
 from .store import ResultsStore, write_atomic
@@ -124,11 +124,7 @@ class Matrix:
         return port
 
     def _run_once(self, entity: Entity, run_dir: Path) -> RunOutcome:
-        import shutil
-
-        if run_dir.exists():
-            shutil.rmtree(run_dir)  # a previous attempt's files (ours)
-        run_dir.mkdir(parents=True)
+        fresh_run_dir(run_dir)
         try:
             model, data = _prepare(entity, run_dir)
         except Exception as err:  # preparing is part of the measurement: failed, retried

@@ -259,5 +259,7 @@ def test_unsupported_architecture_is_named(tmp_path):
     data = write_jsonl(identifiable_examples(8), tmp_path / "d.jsonl")
     with pytest.raises(
         accel.UnsupportedModelError, match="'padding_free' does not support model_type 'gemma2'"
-    ):
+    ) as err:
         accel.train(args_for(model_dir, data, tmp_path / "out", padding_free=["huggingface"]))
+    # the support table's reason travels into the refusal
+    assert "no sdpa support in this version" in str(err.value)

@@ -13,7 +13,7 @@ README = Path(__file__).resolve().parents[1] / "README.md"
 
 
 def test_readme_table_is_the_generated_one():
-    assert support.block_of(README.read_text()) == support.markdown(), (
+    assert support.README_BLOCK.current(README.read_text()) == support.markdown(), (
         "README table is stale: run python -m accel_attention_packing.support --write README.md"
     )
 
@@ -24,15 +24,10 @@ def test_plugins_accept_exactly_the_supported_entries():
     for model_type, entry in support.ARCHITECTURES.items():
         if not entry.supported:
             assert entry.reason and model_type not in supported
-
-
-def test_write_replaces_only_the_block(tmp_path):
-    readme = tmp_path / "README.md"
-    readme.write_text(f"intro\n{support.START}\nold\n{support.END}\noutro\n")
-    assert support.main(["--write", str(readme)]) == 0
-    text = readme.read_text()
-    assert text.startswith("intro\n") and text.endswith("\noutro\n") and "old" not in text
-    assert support.block_of(text) == support.markdown()
+    # the refused entries' reasons are what the core's UnsupportedModelError shows
+    assert PaddingFreePlugin.unsupported_reasons == {
+        t: s.reason for t, s in support.ARCHITECTURES.items() if not s.supported
+    }
 
 
 def test_granite_hybrid_with_mamba_layers_is_refused():

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from accel import AccelerationPlugin, ConfigError, Flag, hook
 
-from .support import SUPPORTED_MODEL_TYPES
+from .support import SUPPORTED_MODEL_TYPES, UNSUPPORTED_REASONS
 
 if TYPE_CHECKING:
     from datasets import Dataset
@@ -67,6 +67,7 @@ class PaddingFreePlugin(AccelerationPlugin):
     #: the Supported entries of ``support.ARCHITECTURES`` (the core refuses the rest before
     #: loading the model; the table says why)
     model_types = SUPPORTED_MODEL_TYPES
+    unsupported_reasons = UNSUPPORTED_REASONS
 
     def __init__(self, configs: dict[str, Any]) -> None:
         super().__init__(configs)
@@ -118,6 +119,7 @@ class MultipackPlugin(AccelerationPlugin):
     )
     requires = ("padding_free",)
     model_types = SUPPORTED_MODEL_TYPES
+    unsupported_reasons = UNSUPPORTED_REASONS
 
     @hook
     def train_dataloader(

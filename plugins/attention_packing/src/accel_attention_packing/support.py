@@ -11,30 +11,9 @@ Pure data: importing it loads neither torch nor transformers.
 
 from __future__ import annotations
 
-import argparse
-import os
-import sys
-from dataclasses import dataclass
-from pathlib import Path
+from accel.support import GeneratedBlock, Support, Supported, Unsupported, cell
 
-
-@dataclass(frozen=True)
-class Supported:
-    """Packed training tested equal to padded batches for this architecture."""
-
-    note: str = ""
-    supported = True
-
-
-@dataclass(frozen=True)
-class Unsupported:
-    """Refused, and why (shown in the README table)."""
-
-    reason: str
-    supported = False
-
-
-Support = Supported | Unsupported
+__all__ = ["ARCHITECTURES", "SUPPORTED_MODEL_TYPES", "Support", "Supported", "Unsupported"]
 
 _NO_SDPA = (
     "transformers refuses sdpa-style attention functions for {} (no sdpa support in this "
@@ -71,6 +50,8 @@ ARCHITECTURES: dict[str, Support] = {
 
 #: the architectures the plugins accept
 SUPPORTED_MODEL_TYPES = tuple(t for t, s in ARCHITECTURES.items() if s.supported)
+#: the refused ones, with the reason the core's refusal shows
+UNSUPPORTED_REASONS = {t: s.reason for t, s in ARCHITECTURES.items() if not s.supported}
 
 
 def config_refusal(model_config: object) -> str | None:
@@ -86,49 +67,17 @@ def config_refusal(model_config: object) -> str | None:
     return None
 
 
-START = "<!-- support-table:start (generated: python -m accel_attention_packing.support) -->"
-END = "<!-- support-table:end -->"
+README_BLOCK = GeneratedBlock("support-table", "python -m accel_attention_packing.support")
 
 
 def markdown() -> str:
     """The README's architecture table."""
     lines = ["| model_type | padding_free / multipack |", "|---|---|"]
     for model_type, support in ARCHITECTURES.items():
-        text = support.note if support.supported else support.reason
-        mark = "yes" if support.supported else "no"
+        mark, text = cell(support)
         lines.append(f"| `{model_type}` | {mark}{f': {text}' if text else ''} |")
     return "\n".join(lines) + "\n"
 
 
-def replace_block(text: str, table: str) -> str:
-    """``text`` with the block between START and END replaced by ``table``."""
-    if START not in text or END not in text:
-        raise ValueError(f"the markers {START!r} and {END!r} are missing; add them first")
-    head, rest = text.split(START, 1)
-    _, tail = rest.split(END, 1)
-    return f"{head}{START}\n{table}{END}{tail}"
-
-
-def block_of(text: str) -> str:
-    """The generated block currently in ``text``."""
-    if START not in text or END not in text:
-        raise ValueError(f"the markers {START!r} and {END!r} are missing")
-    return text.split(START, 1)[1].split(END, 1)[0].lstrip("\n")
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="print or write the README support table")
-    parser.add_argument("--write", type=Path, help="README to update in place")
-    args = parser.parse_args(argv)
-    if args.write is None:
-        sys.stdout.write(markdown())
-        return 0
-    text = replace_block(args.write.read_text(), markdown())
-    tmp = args.write.with_name(f".{args.write.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, args.write)
-    return 0
-
-
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(README_BLOCK.main(markdown))

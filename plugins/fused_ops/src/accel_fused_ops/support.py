@@ -18,6 +18,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
+from accel.support import Support, Supported, Unsupported
+
 #: the plugin's features (config switches), in the order ``features.FEATURES`` applies them
 FEATURE_NAMES = (
     "fused_lora",
@@ -26,25 +28,6 @@ FEATURE_NAMES = (
     "fast_rope_embeddings",
     "fast_loss",
 )
-
-
-@dataclass(frozen=True)
-class Supported:
-    """The feature's rules patch this architecture (tested at model level)."""
-
-    note: str = ""
-    supported = True
-
-
-@dataclass(frozen=True)
-class Unsupported:
-    """The feature cannot patch this architecture, and why (shown to the user)."""
-
-    reason: str
-    supported = False
-
-
-Support = Supported | Unsupported
 
 
 @dataclass(frozen=True)
