@@ -258,7 +258,8 @@ def test_default_chunk_size():
 
 
 def test_memory_budget_bounds_the_chunk(monkeypatch):
-    """memory_budget picks the chunk rows; results do not depend on it."""
+    """memory_budget picks the chunk rows of a trainable head; results do not depend on it
+    (the frozen-head pass has its own test in test_linear_cross_entropy_online.py)."""
     hidden, weight, bias, labels = make()
     seen = []
     from accel_fused_ops.kernels import linear_cross_entropy as lce
@@ -270,15 +271,16 @@ def test_memory_budget_bounds_the_chunk(monkeypatch):
         return real(logits, *args, **kwargs)
 
     monkeypatch.setattr(lce, "cross_entropy_rows", spy)
-    h1, h2 = leaves(hidden, hidden)
+    h1, w1, h2, w2 = leaves(hidden, weight, hidden, weight)
     budget = 5 * V * 4  # five fp32 rows of logits
-    a = fused_linear_cross_entropy(h1, weight, labels, bias, memory_budget=budget)
-    b = fused_linear_cross_entropy(h2, weight, labels, bias, chunk_size=N)
+    a = fused_linear_cross_entropy(h1, w1, labels, bias, memory_budget=budget)
+    b = fused_linear_cross_entropy(h2, w2, labels, bias, chunk_size=N)
     assert max(seen[:-1]) == 5 and seen[-1] == (labels != -100).sum()
     a.backward()
     b.backward()
     torch.testing.assert_close(a, b, **FP32)
     torch.testing.assert_close(h1.grad, h2.grad, **FP32)
+    torch.testing.assert_close(w1.grad, w2.grad, **fp32_grad_tol(w2.grad))
     with pytest.raises(ValueError, match="not both"):
         fused_linear_cross_entropy(hidden, weight, labels, chunk_size=4, memory_budget=budget)
     with pytest.raises(ValueError, match="memory_budget"):

@@ -49,7 +49,8 @@ class FusedOpsConfig:
         default=None,
         metadata={
             "help": "MiB one chunk of the fused linear loss's logits may take; default: the "
-            "rows the matmuls need for full speed, at most 256 MiB (CPU) / 64 MiB (CUDA)"
+            "rows the matmuls need for full speed, at most 256 MiB (CPU) / 64 MiB (CUDA); "
+            "a frozen lm_head on CPU streams 32 MiB vocabulary blocks instead"
         },
     )
     fast_rms_layernorm: bool = field(default=False, metadata={"help": "RMSNorm kernel"})

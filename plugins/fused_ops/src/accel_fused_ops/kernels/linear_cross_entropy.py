@@ -8,6 +8,11 @@ to give the chunk's gradients for ``hidden``, ``weight`` and ``bias``. Backward 
 scales these stored gradients by ``grad_output``. Peak extra memory is one chunk of logits
 plus the gradients themselves.
 
+A frozen head (neither weight nor bias needs a gradient: LoRA, QLoRA) on the PyTorch path
+without a soft-cap takes a faster route, :mod:`.linear_cross_entropy_online`: thousands of rows
+at a time stream the vocabulary once in small blocks, flash-attention style, so the GEMMs run
+at full size while only one block of logits (32 MiB by default) is alive.
+
 Rows whose label is ``ignore_index`` are dropped before any matmul (prompt tokens in
 completion-only training cost nothing); this needs one host sync per call.
 
@@ -45,6 +50,13 @@ from .cross_entropy import (
     z_loss_scale,
 )
 from .cross_entropy import validate_loss_args as _validate_loss_args
+from .linear_cross_entropy_online import (
+    Workspace,
+    logit_bytes,
+    online_plan,
+    online_rows,
+    weighted_row_sum,
+)
 
 __all__ = [
     "default_chunk_size",
@@ -95,6 +107,8 @@ class _Options:
     rows: RowOptions
     reduction: str
     chunk_size: int
+    #: (rows per pass, vocabulary block) when the frozen-head streaming pass is used
+    online: tuple[int, int] | None = None
 
 
 # --------------------------------------------------------------------------------------------
@@ -258,6 +272,34 @@ class _ModuleProjection:
 # --------------------------------------------------------------------------------------------
 
 
+def _valid_rows(labels: torch.Tensor, ignore_index: int) -> tuple[int, torch.Tensor | None]:
+    """How many rows have a label, and their indices (None when all of them do)."""
+    n = labels.shape[0]
+    if torch.compiler.is_compiling():
+        # Counting the ignored rows is a host sync, i.e. a graph break: traced code runs them
+        # through the kernel, which gives them zero loss and gradient.
+        return n, None
+    valid = labels != ignore_index
+    n_valid = int(valid.sum())  # the one host sync: it lets ignored rows skip every matmul
+    return n_valid, None if n_valid == n else valid.nonzero().squeeze(1)
+
+
+def _row_buffers(hidden: torch.Tensor, ro: RowOptions):
+    """Zeroed per-row loss, z-loss (when asked for) and correctness (when asked for)."""
+    n = hidden.shape[0]
+    loss_rows = torch.zeros(
+        n, dtype=torch.promote_types(hidden.dtype, torch.float32), device=hidden.device
+    )
+    z_rows = torch.zeros_like(loss_rows) if ro.lse_square_scale != 0.0 or ro.want_z else None
+    correct = torch.zeros(n, dtype=torch.bool, device=hidden.device) if ro.want_correct else None
+    return loss_rows, z_rows, correct
+
+
+def _rows_of(scale: torch.Tensor | None, idx) -> torch.Tensor | None:
+    """A per-row scale's entries for ``idx``; a 0-dim (or absent) scale as it is."""
+    return scale[idx] if scale is not None and scale.dim() == 1 else scale
+
+
 def _chunked_pass(
     proj: _LinearProjection | _ModuleProjection,
     hidden: torch.Tensor,
@@ -272,22 +314,10 @@ def _chunked_pass(
     """Per-row loss terms; with ``grad_scale`` (0-dim or ``(N,)``), also back-propagate
     ``sum_i grad_scale[i] * loss_i + z_grad_scale[i] * z_loss_i`` into ``proj`` and return
     the hidden-state gradient."""
-    n = hidden.shape[0]
     ro = opts.rows
     need_grad = grad_scale is not None
-    if torch.compiler.is_compiling():
-        # Counting the ignored rows is a host sync, i.e. a graph break: traced code runs them
-        # through the kernel, which gives them zero loss and gradient.
-        n_valid, rows = n, None
-    else:
-        valid = labels != ro.ignore_index
-        n_valid = int(valid.sum())  # the one host sync: it lets ignored rows skip every matmul
-        rows = None if n_valid == n else valid.nonzero().squeeze(1)
-    loss_dtype = torch.promote_types(hidden.dtype, torch.float32)
-    loss_rows = torch.zeros(n, dtype=loss_dtype, device=hidden.device)
-    has_z = ro.lse_square_scale != 0.0 or ro.want_z
-    z_rows = torch.zeros_like(loss_rows) if has_z else None
-    correct = torch.zeros(n, dtype=torch.bool, device=hidden.device) if ro.want_correct else None
+    n_valid, rows = _valid_rows(labels, ro.ignore_index)
+    loss_rows, z_rows, correct = _row_buffers(hidden, ro)
     grad_hidden = None
     if need_grad and need_hidden:
         grad_hidden = torch.empty_like(hidden) if rows is None else torch.zeros_like(hidden)
@@ -302,12 +332,7 @@ def _chunked_pass(
         grad_logits = None
         if need_grad:
             grad_logits = logits if proj.owns_logits else torch.empty_like(logits)
-        scale = grad_scale
-        if grad_scale is not None and grad_scale.dim() == 1:
-            scale = grad_scale[idx]
-        z_scale = z_grad_scale
-        if z_grad_scale is not None and z_grad_scale.dim() == 1:
-            z_scale = z_grad_scale[idx]
+        scale, z_scale = _rows_of(grad_scale, idx), _rows_of(z_grad_scale, idx)
         part = cross_entropy_rows(
             logits,
             lab,
@@ -320,7 +345,7 @@ def _chunked_pass(
             label_smoothing=ro.label_smoothing,
             lse_square_scale=ro.lse_square_scale,
             z_grad_scale=z_scale,
-            want_z=has_z,
+            want_z=z_rows is not None,
             want_correct=ro.want_correct,
             class_dim=getattr(proj, "class_dim", 1),
         )
@@ -336,6 +361,62 @@ def _chunked_pass(
                 grad_hidden[idx] = gh.to(grad_hidden.dtype)
         del logits, grad_logits, handle
     proj.release()
+    return RowLosses(loss_rows, z_rows, correct), grad_hidden
+
+
+def _online_pass(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    labels: torch.Tensor,
+    class_weight: torch.Tensor | None,
+    opts: _Options,
+    compute_dtype: torch.dtype,
+    *,
+    grad_scale: torch.Tensor | None,
+    z_grad_scale: torch.Tensor | None = None,
+) -> tuple[RowLosses, torch.Tensor | None]:
+    """:func:`_chunked_pass` for a frozen head: each pass of rows streams the vocabulary once
+    (:mod:`.linear_cross_entropy_online`); with ``grad_scale``, returns the hidden gradient."""
+    ro = opts.rows
+    rows_per_pass, block = opts.online
+    n_valid, rows = _valid_rows(labels, ro.ignore_index)
+    loss_rows, z_rows, correct = _row_buffers(hidden, ro)
+    need_grad = grad_scale is not None
+    grad_hidden = None
+    if need_grad:
+        grad_hidden = torch.empty_like(hidden) if rows is None else torch.zeros_like(hidden)
+    w, b = weight.detach(), bias.detach() if bias is not None else None
+    class_rows = None
+    if need_grad and ro.label_smoothing:
+        class_rows = weighted_row_sum(w, class_weight, compute_dtype, block)
+    workspace = Workspace(
+        min(rows_per_pass, n_valid), min(block, w.shape[0]), w.shape[1], compute_dtype, w.device
+    )
+    for start in range(0, n_valid, rows_per_pass):
+        end = min(start + rows_per_pass, n_valid)
+        idx = slice(start, end) if rows is None else rows[start:end]
+        part, gh = online_rows(
+            hidden[idx].detach(),
+            labels[idx],
+            w,
+            b,
+            class_weight,
+            ro,
+            compute_dtype,
+            block,
+            grad_scale=_rows_of(grad_scale, idx),
+            z_grad_scale=_rows_of(z_grad_scale, idx),
+            class_weight_rows=class_rows,
+            workspace=workspace,
+        )
+        loss_rows[idx] = part.loss
+        if z_rows is not None:
+            z_rows[idx] = part.z_loss
+        if correct is not None:
+            correct[idx] = part.correct
+        if gh is not None:
+            grad_hidden[idx] = gh.to(grad_hidden.dtype)
     return RowLosses(loss_rows, z_rows, correct), grad_hidden
 
 
@@ -381,6 +462,24 @@ class _LinearCEFunction(torch.autograd.Function):
         ctx.per_row = opts.reduction == "none"
         ctx.consumed = False
         with torch.autocast(hidden.device.type, enabled=False):
+            if opts.online is not None:
+                g = None if ctx.per_row or not need_h else scale
+                rows, gh = _online_pass(
+                    hidden,
+                    weight,
+                    bias,
+                    labels,
+                    class_weight,
+                    opts,
+                    compute_dtype,
+                    grad_scale=g,
+                    z_grad_scale=z_scale,
+                )
+                if ctx.per_row:
+                    ctx.save_for_backward(hidden, weight, bias, labels, class_weight)
+                else:
+                    ctx.save_for_backward(gh, None, None)
+                return _outputs(ctx, rows, labels, scale, z_scale, opts)
             if ctx.per_row:
                 proj = _LinearProjection(
                     weight, bias, compute_dtype, False, False, transposed=opts.impl == "torch"
@@ -420,6 +519,19 @@ class _LinearCEFunction(torch.autograd.Function):
         compute_dtype, accum_dtype = ctx.dtypes
         g = grad_loss.to(torch.float32).contiguous()
         with torch.autocast(hidden.device.type, enabled=False):
+            if ctx.opts.online is not None:
+                _, gh = _online_pass(
+                    hidden,
+                    weight,
+                    bias,
+                    labels,
+                    class_weight,
+                    ctx.opts,
+                    compute_dtype,
+                    grad_scale=g if need_h else None,
+                    z_grad_scale=g,
+                )
+                return gh, None, None, *nones
             proj = _LinearProjection(
                 weight, bias, compute_dtype, need_w, need_b, accum_dtype, ctx.opts.impl == "torch"
             )
@@ -648,9 +760,12 @@ def fused_linear_cross_entropy(
         accum_dtype: dtype the weight gradient is summed in over chunks (default: the
             logits' dtype); ``torch.float32`` for a bf16/fp16 head rounds once instead of once
             per chunk, at the cost of an fp32 weight-gradient matmul per chunk.
-        chunk_size: rows per chunk; default :func:`default_chunk_size`.
+        chunk_size: rows per chunk; default :func:`default_chunk_size`. For a frozen head
+            on the PyTorch path: rows per streaming pass (default 4096).
         memory_budget: bytes one chunk's vocabulary-sized buffers may take, instead of
-            ``chunk_size`` (smaller: less memory, slower matmuls).
+            ``chunk_size`` (smaller: less memory, slower matmuls). For a frozen head on the
+            PyTorch path: bytes of one ``rows x vocabulary block`` block of fp32 logits
+            (default 32 MiB).
 
     Gradients for ``hidden``, ``weight`` and ``bias`` are computed during forward (skipped
     for those that do not require grad), so backward can run only once per forward. For a
@@ -700,7 +815,13 @@ def fused_linear_cross_entropy(
         want_correct=bool(return_token_accuracy),
     )
     size = _resolve_chunk_size(chunk_size, memory_budget, vocab, hidden, compute_dtype)
-    opts = _Options(impl, rows, reduction, size)
+    online = None
+    frozen = not weight.requires_grad and (bias is None or not bias.requires_grad)
+    if impl == "torch" and softcap is None and frozen and not torch.compiler.is_compiling():
+        online = online_plan(
+            hidden.shape[0], vocab, chunk_size, memory_budget, logit_bytes(compute_dtype)
+        )
+    opts = _Options(impl, rows, reduction, size, online)
     loss, z, acc = _LinearCEFunction.apply(
         hidden,
         weight,
