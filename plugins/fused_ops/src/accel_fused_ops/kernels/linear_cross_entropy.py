@@ -764,8 +764,8 @@ def fused_linear_cross_entropy(
             on the PyTorch path: rows per streaming pass (default 4096).
         memory_budget: bytes one chunk's vocabulary-sized buffers may take, instead of
             ``chunk_size`` (smaller: less memory, slower matmuls). For a frozen head on the
-            PyTorch path: bytes of one ``rows x vocabulary block`` block of fp32 logits
-            (default 32 MiB).
+            PyTorch path: bytes of one ``rows x vocabulary block`` block of logits, 4 bytes a
+            logit (6 for half precision: the GEMM output and its fp32 copy; default 32 MiB).
 
     Gradients for ``hidden``, ``weight`` and ``bias`` are computed during forward (skipped
     for those that do not require grad), so backward can run only once per forward. For a

@@ -10,8 +10,8 @@ with ``c`` the class weights (ones by default), ``A = (1 - eps) c_y + eps * sum(
 ``B = (1 - eps) c_y`` (``eps`` label smoothing, ``s_z`` the z-loss scale, ``g`` / ``g_z`` the
 upstream scales of the loss and z-loss terms). ``sum_j p_j W_j`` is computed as flash
 attention computes its output: vocabulary blocks are streamed once, each block's logits are
-exponentiated against a running row maximum, and the accumulator is rescaled when the maximum
-grows. Rows are taken thousands at a time (the block, not the rows, bounds the memory), so the
+exponentiated against a reference row maximum, and the accumulator is rescaled when a block's
+maximum exceeds it by more than ``RESCALE_MARGIN``. Rows are taken thousands at a time (the block, not the rows, bounds the memory), so the
 two GEMMs per block run at full speed with a few MiB of logits alive, and the head is read
 once per pass instead of twice per chunk as in the chunked path.
 
@@ -192,7 +192,7 @@ def online_rows(
                 p.sum(1) if class_weight is None else p @ class_weight[v0 : v0 + width].to(work)
             )
         grow = top > m + RESCALE_MARGIN
-        if bool(grow.any()):  # rare after the first block: rescale only the rows that grew
+        if bool(grow.any()):  # rare after the first block; rows that did not grow keep alpha 1
             m_new = torch.where(grow, top, m)
             alpha = torch.exp(m - m_new)
             total.mul_(alpha)
