@@ -7,6 +7,7 @@ each subcommand lives in its own module and is imported when chosen.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 from typing import NoReturn
@@ -149,8 +150,16 @@ def _run(command: str | None, args: object) -> int:
 
         return run_configs(args) if command == "configs" else run_arguments(args)
     except AccelError as err:
-        print(f"accel: error: {err}", file=sys.stderr)
+        if _reports_errors():
+            print(f"accel: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("accel: interrupted", file=sys.stderr)
         return 130
+
+
+def _reports_errors() -> bool:
+    """Under torchrun / accelerate launch every process checks the same arguments and fails
+    the same way: only local rank 0 prints the error (one line per node), the others just
+    exit with the same status."""
+    return os.environ.get("LOCAL_RANK", "0") == "0"

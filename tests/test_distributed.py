@@ -133,6 +133,7 @@ def test_fsdp_flag_under_torchrun_on_cpu_stops_before_training(run_args, tmp_pat
         done.stderr
     )
     assert "--fsdp_size" in done.stderr  # names the route that works on CPU
+    assert done.stderr.count("accel: error:") == 1  # printed by local rank 0 only
     assert "Traceback" not in done.stderr.split("accel: error:")[0]
     assert not (tmp_path / "out" / "training_logs.jsonl").exists()  # no step was taken
 

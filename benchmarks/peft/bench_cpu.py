@@ -8,12 +8,16 @@ do not depend on them).
 Every configuration trains in its own process through ``accel.train`` (same data, batch,
 sequence length, steps, LoRA all-linear r=16), so peak RSS is that run's own.
 
-    python benchmarks/peft/bench_cpu.py --root /tmp/accel-peft-bench > benchmarks/peft/results_cpu.md
+    python benchmarks/peft/bench_cpu.py --root /tmp/accel-peft-bench --steps 20 --repeats 3 \
+        > benchmarks/peft/results_cpu.md
+
+The report alone goes to stdout (quantization's progress output is sent to stderr).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -196,8 +200,10 @@ def main() -> None:
     if args.one:
         print(json.dumps(train_one(root, args.one, args)))
         return
-    prepare(root, args)
-    memory = measure_memory(root)
+    # gptqmodel's progress output goes to stdout: keep it out of the report
+    with contextlib.redirect_stdout(sys.stderr):
+        prepare(root, args)
+        memory = measure_memory(root)
     load_before = os.getloadavg()
     runs: dict[str, list[dict]] = {name: [] for name in CONFIGS}
     for repeat in range(args.repeats):
