@@ -219,6 +219,20 @@ def main() -> None:
     report(args, memory, runs, load_before, load_after)
 
 
+def cpu_description() -> str:
+    """CPU model, core count and the matrix instructions bf16 matmuls can use (the
+    development machines have been Intel Xeons with AMX and AMD EPYCs without)."""
+    info = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    fields = {
+        key.strip(): value.strip()
+        for key, value in (line.split(":", 1) for line in info.splitlines() if ":" in line)
+    }
+    name = fields.get("model name") or platform.processor() or platform.machine()
+    flags = set(fields.get("flags", "").split())
+    units = [f for f in ("avx512_bf16", "amx_bf16") if f in flags] or ["no avx512_bf16/amx"]
+    return f"{name}, {os.cpu_count()} cores, {' '.join(units)}"
+
+
 def report(args, memory, runs, load_before, load_after) -> None:
     import bitsandbytes
     import gptqmodel
@@ -241,7 +255,7 @@ def report(args, memory, runs, load_before, load_after) -> None:
         params = sum(p.numel() for p in AutoModelForCausalLM.from_config(config).parameters())
     print("# accel-peft on CPU: memory and throughput\n")
     print(f"- date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}")
-    print(f"- machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores")
+    print(f"- machine: {cpu_description()}")
     print(
         f"- load average (1/5/15 min) before the training runs: "
         f"{' '.join(f'{x:.2f}' for x in load_before)}, after: "

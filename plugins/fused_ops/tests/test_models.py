@@ -35,6 +35,13 @@ RTOL_FIRST, RTOL_ALL, FIRST = 1e-5, 1e-4, 10
 #: feature on the tail reaches 1.5e-4 (each feature alone <= 5.5e-5, the first 10 steps <= 3e-6,
 #: the one-step gradients within GRAD_RTOL like every other architecture)
 RTOL_ALL_OF = {"olmo2": 3e-4}
+#: With LoRA dropout the OLMo2 drift is machine-dependent: <= 1e-4 over 30 steps on the Intel
+#: Xeon development machines, but on an AMD EPYC (Zen 5) the first 10 steps reach 8.9e-5 and the
+#: tail 1.7e-3, while the one-step gradients still agree within 1.3e-6 of each tensor's largest
+#: entry. AdamW's first updates are close to sign(g) * lr, so a gradient entry near zero that
+#: differs in its last bit moves its weight by a whole step. The gradients (checked first, at
+#: GRAD_RTOL) are the exact test there; the trajectory only has to stay close.
+DROPOUT_RTOL_OF = {"olmo2": (3e-4, 5e-3)}  # (first 10 steps, all steps)
 GRAD_RTOL, GRAD_ATOL = 1e-4, 1e-6
 DATA = batches()
 
@@ -49,9 +56,10 @@ def _assert_same_trajectory(
     what: str,
     min_drop: float = 0.5,
     rtol_all: float = RTOL_ALL,
+    rtol_first: float = RTOL_FIRST,
 ) -> None:
     diffs = _rel(patched, reference)
-    assert max(diffs[:FIRST]) <= RTOL_FIRST, f"{what}: first steps differ {diffs[:FIRST]}"
+    assert max(diffs[:FIRST]) <= rtol_first, f"{what}: first steps differ {diffs[:FIRST]}"
     assert max(diffs) <= rtol_all, f"{what}: losses differ {diffs}"
     first, last = sum(patched[:3]) / 3, sum(patched[-3:]) / 3
     assert last < first - min_drop, f"{what}: did not train {patched}"
@@ -188,14 +196,29 @@ def test_lora_lm_head_with_fused_linear_cross_entropy(model_type):
 
 @pytest.mark.parametrize("model_type", MODEL_TYPES)
 def test_fused_lora_with_dropout_on_every_architecture(model_type):
+    settings = FusedOpsConfig(base_layer="plain", fused_lora=True, fast_loss=True)
+    # one step's gradients, the same dropout masks drawn on both sides
+    model = _lora_model(model_type, PROJECTIONS, 0.1)
+    torch.manual_seed(123)
+    expected = _grads(model, DATA[0])
+    applied = apply_patches(model, build_rules(settings, model))
+    torch.manual_seed(123)
+    got = _grads(model, DATA[0])
+    applied.revert()
+    assert got.keys() == expected.keys() and len(got) >= 16
+    for name, grad in expected.items():
+        torch.testing.assert_close(got[name], grad, rtol=GRAD_RTOL, atol=GRAD_ATOL, msg=name)
+
     reference = train_losses(_lora_model(model_type, PROJECTIONS, 0.1), DATA, lr=LORA_LR)
     model = _lora_model(model_type, PROJECTIONS, 0.1)
-    settings = FusedOpsConfig(base_layer="plain", fused_lora=True, fast_loss=True)
     applied = apply_patches(model, build_rules(settings, model))
     losses = train_losses(model, DATA, lr=LORA_LR, after_step=_logits_check(True))
     applied.revert()
     assert applied.counts["lora_linear"] >= 8
-    _assert_same_trajectory(losses, reference, f"{model_type} lora", min_drop=LORA_DROP)
+    first, every = DROPOUT_RTOL_OF.get(model_type, (RTOL_FIRST, RTOL_ALL))
+    _assert_same_trajectory(
+        losses, reference, f"{model_type} lora", LORA_DROP, rtol_all=every, rtol_first=first
+    )
 
 
 @pytest.mark.parametrize("loss_mode", [True, "cross_entropy"])
