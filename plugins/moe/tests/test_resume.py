@@ -179,6 +179,8 @@ grads = {n: (p.grad.full_tensor() if isinstance(p.grad, DTensor) else p.grad).cl
          for n, p in model.named_parameters()}
 torch.save({"norm": norm, "grads": grads, "meshes": sorted(meshes), "torch_error": torch_error},
            f"{out}/rank{rank}.pt")
+dist.barrier()  # both records written; then shut gloo down before the interpreter exits
+dist.destroy_process_group()
 """
 
 
