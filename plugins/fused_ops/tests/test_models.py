@@ -91,6 +91,12 @@ def _grads(model, batch) -> dict[str, torch.Tensor]:
     return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
+def _assert_same_grads(got: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) -> None:
+    assert got.keys() == expected.keys()
+    for name, grad in expected.items():
+        torch.testing.assert_close(got[name], grad, rtol=GRAD_RTOL, atol=GRAD_ATOL, msg=name)
+
+
 @pytest.mark.parametrize("model_type", MODEL_TYPES)
 def test_features_train_like_the_unpatched_model(model_type):
     reference = train_losses(tiny_model(model_type), DATA)
@@ -110,9 +116,7 @@ def test_features_train_like_the_unpatched_model(model_type):
     applied = apply_patches(model, build_rules(FusedOpsConfig(**cases["all"]), model))
     got = _grads(model, DATA[0])
     applied.revert()
-    assert got.keys() == expected.keys()
-    for name, grad in expected.items():
-        torch.testing.assert_close(got[name], grad, rtol=GRAD_RTOL, atol=GRAD_ATOL, msg=name)
+    _assert_same_grads(got, expected)
 
 
 def test_eval_and_label_free_forwards_return_real_logits():
@@ -205,9 +209,8 @@ def test_fused_lora_with_dropout_on_every_architecture(model_type):
     torch.manual_seed(123)
     got = _grads(model, DATA[0])
     applied.revert()
-    assert got.keys() == expected.keys() and len(got) >= 16
-    for name, grad in expected.items():
-        torch.testing.assert_close(got[name], grad, rtol=GRAD_RTOL, atol=GRAD_ATOL, msg=name)
+    assert len(got) >= 16
+    _assert_same_grads(got, expected)
 
     reference = train_losses(_lora_model(model_type, PROJECTIONS, 0.1), DATA, lr=LORA_LR)
     model = _lora_model(model_type, PROJECTIONS, 0.1)
@@ -277,6 +280,4 @@ def test_granite_hybrid_with_mamba_layers_and_experts():
     }
     got = _grads(model, DATA[0])
     applied.revert()
-    assert got.keys() == expected.keys()
-    for name, grad in expected.items():
-        torch.testing.assert_close(got[name], grad, rtol=GRAD_RTOL, atol=GRAD_ATOL, msg=name)
+    _assert_same_grads(got, expected)

@@ -11,9 +11,10 @@ with ``c`` the class weights (ones by default), ``A = (1 - eps) c_y + eps * sum(
 upstream scales of the loss and z-loss terms). ``sum_j p_j W_j`` is computed as flash
 attention computes its output: vocabulary blocks are streamed once, each block's logits are
 exponentiated against a reference row maximum, and the accumulator is rescaled when a block's
-maximum exceeds it by more than ``RESCALE_MARGIN``. Rows are taken thousands at a time (the block, not the rows, bounds the memory), so the
-two GEMMs per block run at full speed with a few MiB of logits alive, and the head is read
-once per pass instead of twice per chunk as in the chunked path.
+maximum exceeds it by more than ``RESCALE_MARGIN``. Rows are taken thousands at a time (the
+block, not the rows, bounds the memory), so the two GEMMs per block run at full speed with a
+few MiB of logits alive, and the head is read once per pass instead of twice per chunk as in
+the chunked path.
 
 The PyTorch path of :mod:`.linear_cross_entropy` uses this for frozen heads without a logit
 soft-cap (the soft-cap's derivative differs per logit and breaks the factorisation).
