@@ -2,6 +2,8 @@
 
 Without a visible GPU the Triton kernels run under the interpreter: ``TRITON_INTERPRET=1`` is
 set here, before any test module imports triton (it is read when a kernel is defined).
+Threads: accel's CPU defaults (:mod:`accel.threads`) are applied before torch is imported,
+so the suite stays fast beside other work; subprocesses of the tests inherit them.
 ``@pytest.mark.requires_cuda`` tests (e.g. the kernel tests' ``"cuda"`` device parameter) run
 where a CUDA device is visible and are skipped elsewhere, so CI needs no GPU.
 """
@@ -11,8 +13,12 @@ from __future__ import annotations
 import functools
 import os
 
-import pytest
-import torch
+from accel.threads import configure
+
+configure()  # CPU thread defaults, before torch loads OpenMP (the user's OMP_* settings win)
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")

@@ -8,7 +8,7 @@ from typing import Any
 from accel.samples import description, resolve_config_file, sample_dir, samples
 
 
-def run_configs(args: Any) -> int:
+def run(args: Any) -> int:
     found = samples()
     width = max((len(n) for n in found), default=0)
     print(f"Sample acceleration configs ({sample_dir()}):")

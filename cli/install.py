@@ -15,6 +15,29 @@ from typing import Any
 from accel.errors import AccelError, ConfigError
 from accel.registry import CATALOG, CatalogEntry, catalog_for_name, checkout_root
 
+HELP = "install plugins (from this checkout, else by package name)"
+
+
+def add_arguments(parser: Any) -> None:
+    parser.add_argument(
+        "names",
+        nargs="+",
+        metavar="PLUGIN",
+        help="a package name from `accel plugins` (or its distribution name)",
+    )
+    parser.add_argument("--dry-run", action="store_true", help="print the pip command only")
+    parser.add_argument(
+        "--editable",
+        "-e",
+        action="store_true",
+        help="editable install from the checkout (the default there when accel-core itself is "
+        "installed editable)",
+    )
+    parser.add_argument(
+        "--force", action="store_true", help="reinstall packages that are installed already"
+    )
+    parser.add_argument("--verbose", "-v", action="store_true", help="show pip's own output")
+
 
 def resolve(names: list[str]) -> list[CatalogEntry]:
     entries = []
@@ -43,7 +66,7 @@ def pip_command(entries: list[CatalogEntry], root: Path | None, editable: bool) 
     if constraints.is_file():
         cmd += ["-c", str(constraints)]
     for entry in entries:
-        folder = root / "plugins" / entry.package
+        folder = root / entry.checkout_folder
         if not (folder / "pyproject.toml").is_file():
             raise ConfigError(
                 f"plugin '{entry.package}' ({entry.distribution}) is not in this checkout "
@@ -53,18 +76,67 @@ def pip_command(entries: list[CatalogEntry], root: Path | None, editable: bool) 
     return cmd
 
 
-def run_install(args: Any) -> int:
+def editable_source(distribution: str) -> Path | None:
+    """The folder an installed distribution is installed editable from (``None``: not
+    installed, or installed as a copy), read from its ``direct_url.json`` (PEP 610)."""
+    import json
+    from importlib import metadata
+    from urllib.parse import unquote, urlparse
+
+    # every copy the path knows (an ``*.egg-info`` folder in the current directory shadows
+    # the installed metadata); the installed one is the one with ``direct_url.json``
+    raws = [d.read_text("direct_url.json") for d in metadata.distributions(name=distribution)]
+    raw = next((r for r in raws if r), None)
+    info = json.loads(raw) if raw else {}
+    if not info.get("dir_info", {}).get("editable"):
+        return None
+    return Path(unquote(urlparse(info.get("url", "")).path)).resolve()
+
+
+def _installed(distribution: str) -> bool:
+    from importlib import metadata
+
+    try:
+        metadata.distribution(distribution)
+    except metadata.PackageNotFoundError:
+        return False
+    return True
+
+
+def run(args: Any) -> int:
     entries = resolve(args.names)
-    cmd = pip_command(entries, checkout_root(), args.editable)
-    print("accel: running", " ".join(shlex.quote(c) for c in cmd), flush=True)
-    if args.dry_run:
+    root = checkout_root()
+    editable = args.editable or (
+        root is not None and editable_source("accel-core") == root.resolve()
+    )
+    todo = []
+    for entry in entries:
+        source = editable_source(entry.distribution)
+        if args.force:
+            todo.append(entry)
+        elif root is not None and editable and source == (root / entry.checkout_folder).resolve():
+            print(f"accel: {entry.distribution} is installed already (editable, from {source})")
+        elif not editable and _installed(entry.distribution) and source is None:
+            print(f"accel: {entry.distribution} is installed already (--force reinstalls it)")
+        else:
+            todo.append(entry)
+    if not todo:
         return 0
+    cmd = pip_command(todo, root, editable)
+    if not args.verbose:
+        cmd.insert(4, "-q")  # pip install -q: errors still show
+    shown = " ".join(shlex.quote(c) for c in cmd)
+    if args.dry_run:
+        print(f"accel: would run: {shown}")
+        return 0
+    print(f"accel: installing {', '.join(e.distribution for e in todo)}: {shown}", flush=True)
     done = subprocess.run(cmd, check=False)
     if done.returncode != 0:
         raise AccelError(
-            f"pip failed (exit {done.returncode}) installing {', '.join(e.distribution for e in entries)}"
+            f"pip failed (exit {done.returncode}) installing {', '.join(e.distribution for e in todo)}"
         )
+    how = " (editable: edits in the checkout take effect)" if editable and root else ""
     print(
-        f"accel: installed {', '.join(e.distribution for e in entries)}; `accel plugins` lists them"
+        f"accel: installed {', '.join(e.distribution for e in todo)}{how}; `accel plugins` lists them"
     )
     return 0

@@ -10,21 +10,29 @@ import argparse
 import os
 import sys
 from collections.abc import Sequence
-from typing import NoReturn
+from typing import Any, NoReturn
 
 from accel.version import __version__
 
-COMMANDS = {
-    "plugins": "list installed plugins and the ones this checkout can install",
-    "install": "install plugins (from this checkout's plugins/ folder, else by package name)",
-    "configs": "list the sample acceleration configs shipped with accel",
-    "arguments": "print the command-line flags equivalent to an acceleration config",
-    "train": "fine-tune a model (see `accel train --help`); `accel train --demo` runs the demo",
-    "quantize": "quantize a local model to a GPTQ checkpoint (plugin package accel-peft)",
-    "export": "export trained adapters: `accel export merged <adapter_dir> <output_dir>`",
-    "plot": "plot a run: `accel plot odm <output_dir>` draws the online-mixing weights as a PNG",
-    "bench": "run a fine-tuning experiment matrix from a scenario YAML (see docs/bench.md)",
-    "moe": "MoE tools: `accel moe export <checkpoint> <output_dir>` (sharded checkpoint -> HF)",
+from .commands import CommandSpec, command_specs, summary, top_level
+
+#: The core's commands, one row each: name -> (module, one line for `accel --help`). A module
+#: defines HELP, optionally DESCRIPTION and add_arguments(parser), and run(args) -> int (see
+#: accel.cli.commands); "plot.loss" is the sub-command `accel plot loss`. Installed packages
+#: add theirs through the `accel.commands` entry-point group, the same way.
+CORE_COMMANDS: dict[str, tuple[str, str]] = {
+    "plugins": (
+        "accel.cli.plugins",
+        "list installed plugins and the ones this checkout can install",
+    ),
+    "install": ("accel.cli.install", "install plugins (from this checkout, else by package name)"),
+    "configs": ("accel.cli.configs", "list the sample acceleration configs shipped with accel"),
+    "arguments": ("accel.cli.arguments", "print the flags equivalent to an acceleration config"),
+    "train": (
+        "accel.cli.train",
+        "fine-tune a model (`accel train --help`); `--demo` runs the demo",
+    ),
+    "plot.loss": ("accel.cli.plot_loss", "loss, learning rate, grad norm, tokens/s of runs (PNG)"),
 }
 
 
@@ -56,99 +64,70 @@ class _Parser(argparse.ArgumentParser):
         )
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(
+    specs: dict[str, CommandSpec] | None = None, chosen: str | None = None
+) -> argparse.ArgumentParser:
+    """The parser of every command; only the ``chosen`` command's modules are imported (none
+    for ``accel --help``)."""
+    specs = command_specs(CORE_COMMANDS) if specs is None else specs
     parser = _Parser(
         prog="accel",
         description="Plugin-based acceleration for fine-tuning LLMs with Hugging Face.",
+        epilog=_not_installed_epilog(specs),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--version", action="version", version=f"accel {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     parser._subparsers_action = sub
-    plugins = sub.add_parser("plugins", help=COMMANDS["plugins"], description=COMMANDS["plugins"])
-    plugins.add_argument("--json", action="store_true", help="machine-readable output")
-    install = sub.add_parser("install", help=COMMANDS["install"], description=COMMANDS["install"])
-    install.add_argument(
-        "names", nargs="+", metavar="PLUGIN", help="e.g. fused_ops attention_packing"
-    )
-    install.add_argument("--dry-run", action="store_true", help="print the pip command only")
-    install.add_argument(
-        "--editable", "-e", action="store_true", help="editable install from the checkout"
-    )
-    sub.add_parser("configs", help=COMMANDS["configs"], description=COMMANDS["configs"])
-    arguments = sub.add_parser(
-        "arguments", help=COMMANDS["arguments"], description=COMMANDS["arguments"]
-    )
-    arguments.add_argument("config", help="a sample name from `accel configs` or a YAML file path")
-    sub.add_parser("train", help=COMMANDS["train"], add_help=False)
-    from .bench import add_parser as add_bench
-    from .export import add_parser as add_export
-    from .moe import add_parser as add_moe
-    from .plot import add_parser as add_plot
-    from .quantize import add_parser as add_quantize
-
-    add_quantize(sub, COMMANDS["quantize"])
-    add_export(sub, COMMANDS["export"])
-    add_plot(sub, COMMANDS["plot"])
-    add_bench(sub, COMMANDS["bench"])
-    add_moe(sub, COMMANDS["moe"])
+    for word, group in top_level(specs).items():
+        text = summary(word, group)
+        if word != chosen:
+            sub.add_parser(word, help=text, add_help=False)
+            continue
+        if len(group) == 1 and len(group[0].words) == 1:
+            _add_command(sub, word, group[0])
+            continue
+        command = sub.add_parser(word, help=text, description=text)
+        kinds = command.add_subparsers(dest="kind", required=True)
+        command._subparsers_action = kinds
+        for spec in group:
+            _add_command(kinds, " ".join(spec.words[1:]), spec)
     return parser
 
 
+def _add_command(sub: Any, word: str, spec: CommandSpec) -> None:
+    module = spec.load()
+    text = spec.help or module.HELP  # the core's table gives it, a plugin's module declares it
+    parser = sub.add_parser(word, help=text, description=getattr(module, "DESCRIPTION", text))
+    parser.set_defaults(_module=module)
+    if hasattr(module, "add_arguments"):
+        module.add_arguments(parser)
+
+
+def _not_installed_epilog(specs: dict[str, CommandSpec]) -> str:
+    from accel.registry import CATALOG, install_command
+
+    lines = [
+        f"  accel {name.replace('.', ' ')}: {install_command(entry)}"
+        for entry in CATALOG
+        for name in entry.commands
+        if name not in specs
+    ]
+    return "commands of packages that are not installed:\n" + "\n".join(lines) if lines else ""
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    from accel.threads import configure
+
+    configure()  # CPU thread defaults: before anything imports torch (OpenMP reads them once)
     from accel.quiet import silence_library_noise
 
     silence_library_noise()
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] == "train":  # the trainer parses its own (large) argument set
-        return _run("train", argv[1:])
-    return _run(None, argv)
-
-
-def _run(command: str | None, args: object) -> int:
     from accel.errors import AccelError
 
     try:
-        if command is None:
-            args = build_parser().parse_args(args)  # type: ignore[arg-type]
-            command = args.command  # type: ignore[attr-defined]
-            if command is None:
-                build_parser().print_help()
-                return 0
-        if command == "train":
-            from .train import run_train
-
-            return run_train(args)
-        if command == "plugins":
-            from .plugins import run_plugins
-
-            return run_plugins(args)
-        if command == "install":
-            from .install import run_install
-
-            return run_install(args)
-        if command == "quantize":
-            from .quantize import run_quantize
-
-            return run_quantize(args)
-        if command == "export":
-            from .export import run_export
-
-            return run_export(args)
-        if command == "bench":
-            from .bench import run_bench
-
-            return run_bench(args)
-        if command == "plot":
-            from .plot import run_plot
-
-            return run_plot(args)
-        if command == "moe":
-            from .moe import run_moe
-
-            return run_moe(args)
-        from .configs import run_arguments, run_configs
-
-        return run_configs(args) if command == "configs" else run_arguments(args)
+        return _run(argv)
     except AccelError as err:
         if _reports_errors():
             print(f"accel: error: {err}", file=sys.stderr)
@@ -156,6 +135,47 @@ def _run(command: str | None, args: object) -> int:
     except KeyboardInterrupt:
         print("accel: interrupted", file=sys.stderr)
         return 130
+
+
+def _run(argv: list[str]) -> int:
+    specs = command_specs(CORE_COMMANDS)
+    chosen = argv[0] if argv and not argv[0].startswith("-") else None
+    if chosen is not None:
+        _check_installed(specs, argv)
+        spec = specs.get(chosen)
+        if spec is not None:
+            module = spec.load()
+            if getattr(module, "RAW_ARGS", False):  # accel train parses its own arguments
+                return module.run(argv[1:])
+    args = build_parser(specs, chosen).parse_args(argv)
+    module = getattr(args, "_module", None)
+    if module is None:
+        build_parser(specs).print_help()
+        return 0
+    return module.run(args)
+
+
+def _check_installed(specs: dict[str, CommandSpec], argv: list[str]) -> None:
+    """A command (or sub-command) of a first-party package that is not installed is one
+    error naming the install command, before anything loads."""
+    from accel.registry import CATALOG, missing_plugin_error
+
+    groups = top_level(specs)
+    word = argv[0]
+    if word in groups:
+        if len(groups[word]) == 1 and len(groups[word][0].words) == 1:
+            return  # a plain command
+        if len(argv) < 2 or argv[1].startswith("-"):
+            return
+        wanted = f"{word}.{argv[1]}"
+        if wanted in specs:
+            return
+    else:
+        wanted = word
+    for entry in CATALOG:
+        for name in entry.commands:
+            if name == wanted or (wanted == word and name.split(".")[0] == word):
+                raise missing_plugin_error(f"`accel {wanted.replace('.', ' ')}`", entry)
 
 
 def _reports_errors() -> bool:

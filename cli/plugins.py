@@ -9,6 +9,10 @@ from typing import Any
 from accel.registry import CATALOG, checkout_root, discover_plugins, install_command
 
 
+def add_arguments(parser: Any) -> None:
+    parser.add_argument("--json", action="store_true", help="machine-readable output")
+
+
 def _installed_rows() -> list[dict[str, Any]]:
     rows = []
     for info in sorted(discover_plugins().values(), key=lambda i: i.name):
@@ -32,6 +36,8 @@ def _not_installed_rows(installed_packages: set[str]) -> list[dict[str, Any]]:
     root = checkout_root()
     rows = []
     for entry in CATALOG:
+        if not entry.plugins:  # a tool (accel-bench), not a plugin
+            continue
         if entry.distribution in installed_packages:
             continue
         try:
@@ -40,7 +46,7 @@ def _not_installed_rows(installed_packages: set[str]) -> list[dict[str, Any]]:
         except metadata.PackageNotFoundError:
             pass
         in_checkout = (
-            root is not None and (root / "plugins" / entry.package / "pyproject.toml").is_file()
+            root is not None and (root / entry.checkout_folder / "pyproject.toml").is_file()
         )
         rows.append(
             {
@@ -56,11 +62,32 @@ def _not_installed_rows(installed_packages: set[str]) -> list[dict[str, Any]]:
     return rows
 
 
-def run_plugins(args: Any) -> int:
+def _skipped() -> tuple[list[dict[str, Any]], list[str]]:
+    """Installed plugins that failed to load, and the ones ACCEL_DISABLE_PLUGINS switches off."""
+    from accel.discovery import discover
+
+    found = discover()
+    broken = [
+        {
+            "name": b.name,
+            "package": b.distribution,
+            "version": b.version,
+            "entry_point": b.entry_point,
+            "error": b.error,
+        }
+        for b in found.broken
+    ]
+    return broken, found.disabled
+
+
+def run(args: Any) -> int:
     installed = _installed_rows()
-    available = _not_installed_rows({row["package"] for row in installed})
+    broken, disabled = _skipped()
+    skipped = {row["package"] for row in installed} | {row["package"] for row in broken}
+    available = _not_installed_rows(skipped)
     if args.json:
-        print(json.dumps({"installed": installed, "not_installed": available}, indent=2))
+        tables = {"installed": installed, "not_installed": available}
+        print(json.dumps({**tables, "broken": broken, "disabled": disabled}, indent=2))
         return 0
     print("Installed plugins:")
     if not installed:
@@ -73,6 +100,14 @@ def run_plugins(args: Any) -> int:
         print(f"      models:       {models if isinstance(models, str) else ', '.join(models)}")
         if row["requires"]:
             print(f"      requires:     {', '.join(row['requires'])}")
+    if broken:
+        print("\nBroken (skipped; an error only for a run that uses them):")
+    for row in broken:
+        print(f"  {row['name']}  [{row['package']} {row['version']}]  {row['entry_point']}")
+        print(f"      error:        {row['error']}")
+        print(f"      switch off:   ACCEL_DISABLE_PLUGINS={row['name']}")
+    if disabled:
+        print(f"\nSwitched off by ACCEL_DISABLE_PLUGINS: {', '.join(disabled)}")
     print("\nAvailable, not installed:")
     if not available:
         print("  (none)")

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+RAW_ARGS = True  # the trainer parses its own (large) argument set
+
 
 def run_train(argv: Sequence[str]) -> int:
     if any(a in ("-h", "--help") for a in argv):
@@ -15,3 +17,6 @@ def run_train(argv: Sequence[str]) -> int:
 
     main_from_argv(argv)
     return 0
+
+
+run = run_train

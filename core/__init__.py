@@ -27,6 +27,7 @@ _EXPORTS = {
     "PluginRequirementError": "errors",
     "UnsupportedModelError": "errors",
     "train": "trainer.run",
+    "plot_runs": "plots",
 }
 
 __all__ = ["__version__", *_EXPORTS]

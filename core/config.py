@@ -69,8 +69,8 @@ def load_acceleration_config(source: str | Path | Mapping[str, Any]) -> tuple[di
 
 
 _NEEDS = (
-    f"it must name at least one plugin config path under '{ROOT}:' (e.g. "
-    f"{ROOT}.training.fused_ops_and_kernels); `accel configs` lists samples"
+    f"it must name at least one plugin config path under '{ROOT}:' (`accel plugins` lists "
+    "each plugin's paths); `accel configs` lists samples"
 )
 
 

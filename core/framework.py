@@ -25,9 +25,10 @@ from .errors import (
     PluginRequirementError,
     UnsupportedModelError,
 )
+from .helpers import add_note
 from .hookspecs import SPECS, Combine, HookSpec
 from .patching import AppliedPatches, apply_patches
-from .plugin import AccelerationPlugin
+from .plugin import AccelerationPlugin, BaseLayer
 from .registry import (
     PluginInfo,
     catalog_for_name,
@@ -199,7 +200,7 @@ class AccelerationFramework:
             err.args = (f"plugin '{plugin.name}' ({spec.name}): {err}",)
             raise
         except Exception as err:
-            _add_note(err, f"accel: raised by plugin '{plugin.name}' in hook '{spec.name}'")
+            add_note(err, f"accel: raised by plugin '{plugin.name}' in hook '{spec.name}'")
             raise
         finally:
             if self.trace:
@@ -207,8 +208,9 @@ class AccelerationFramework:
                 logger.info("accel trace: %s.%s %s %.3fs", plugin.name, spec.name, outcome, elapsed)
 
     # -------------------------------------------------------------- stages
-    def check_model(self, model_config: Any) -> None:
-        """Refuse a model architecture an active plugin does not support."""
+    def check_model(self, model_config: Any, model_name: str = "the model") -> None:
+        """Refuse a model architecture an active plugin does not support, and a quantized
+        checkpoint that no active plugin trains (read from the plugins' ``quant_methods``)."""
         model_type = getattr(model_config, "model_type", None)
         for plugin in self.plugins:
             supported = plugin.model_types
@@ -219,6 +221,45 @@ class AccelerationFramework:
                     f"plugin '{plugin.name}' does not support model_type '{model_type}' "
                     f"({type(model_config).__name__}){why}; supported: {', '.join(supported)}"
                 )
+        method = _quant_method(model_config)
+        if method is None or any(method in p.quant_methods for p in self.plugins):
+            return
+        trainers = [i for i in self.available.values() if method in i.cls.quant_methods]
+        if trainers:
+            cls = trainers[0].cls
+            raise ConfigError(
+                f"model '{model_name}' is a {method.upper()} checkpoint (quant_method "
+                f"'{method}' in its config.json); plugin '{cls.name}' trains on it: pass "
+                f"{cls.usage_text()}"
+            )
+
+    def base_layer(self) -> BaseLayer | None:
+        """The layers an active plugin loads the base with (its ``base_layer``), if any."""
+        for plugin in self.plugins:
+            if plugin.base_layer:
+                return BaseLayer(plugin.base_layer, plugin.name, plugin.usage_text())
+        return None
+
+    def check_run(self, run_config: Any, model_config: Any) -> None:
+        """Every active plugin's checks of the run, before the model loads."""
+        self.call(
+            "check_run",
+            run_config=run_config,
+            model_config=model_config,
+            base_layer=self.base_layer(),
+        )
+
+    @property
+    def applies_label_smoothing(self) -> bool:
+        """Whether an active plugin's loss applies ``--label_smoothing_factor`` itself."""
+        return any(p.applies_label_smoothing for p in self.plugins)
+
+    def data_mixer(self) -> AccelerationPlugin | None:
+        """The active plugin that mixes the datasets of a data config, if any."""
+        return next((p for p in self.plugins if p.data_mixer), None)
+
+    def trained_examples(self) -> Mapping[str, int] | None:
+        return self.call("trained_examples")
 
     # The named entry points of a run; each is one dispatch (the rules live in ``call``).
     def load_model(
@@ -475,9 +516,9 @@ def _check_single_owners(plugins: list[AccelerationPlugin]) -> None:
             )
 
 
-def _add_note(err: BaseException, text: str) -> None:
-    """``err.add_note(text)`` (Python 3.11+; on 3.10 the note is kept in ``__notes__``)."""
-    if hasattr(err, "add_note"):
-        err.add_note(text)
-    else:
-        err.__notes__ = [*getattr(err, "__notes__", []), text]  # type: ignore[attr-defined]
+def _quant_method(model_config: Any) -> str | None:
+    """The ``quant_method`` of a checkpoint's ``quantization_config``, if it has one."""
+    qconfig = getattr(model_config, "quantization_config", None)
+    if qconfig is not None and not isinstance(qconfig, dict):
+        qconfig = qconfig.to_dict()
+    return (qconfig or {}).get("quant_method")

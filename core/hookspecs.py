@@ -31,7 +31,7 @@ from __future__ import annotations
 import difflib
 import enum
 import inspect
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -41,6 +41,7 @@ if TYPE_CHECKING:
     from peft import PeftConfig, PeftModel
     from torch.utils.data import DataLoader, Sampler
     from transformers import (
+        PretrainedConfig,
         PreTrainedModel,
         PreTrainedTokenizerBase,
         TrainerCallback,
@@ -48,6 +49,8 @@ if TYPE_CHECKING:
     )
 
     from .patching import PatchRule
+    from .plugin import BaseLayer
+    from .trainer.parsing import TrainConfig
 
     Model = PreTrainedModel | PeftModel
     Collator = Callable[[list[dict[str, Any]]], dict[str, Any]]
@@ -120,6 +123,24 @@ def _spec(
 
 class HookSpecs:
     """The specification of every hook (signatures and docstrings; bodies never run)."""
+
+    @_spec(Combine.FANOUT)
+    def check_run(
+        self,
+        run_config: TrainConfig,
+        model_config: PretrainedConfig,
+        base_layer: BaseLayer | None,
+    ) -> None:
+        """Refuse a run this plugin cannot serve, before anything heavy loads.
+
+        Called once the plugins are resolved and the model's ``config.json`` is read, before
+        the model loads. ``run_config`` is the parsed run (``model``, ``data``, ``tuning``,
+        ``training``: the ``TrainingArguments``); ``model_config`` the model's config;
+        ``base_layer`` names the layers an active plugin loads the base with (see
+        :attr:`accel.api.AccelerationPlugin.base_layer`), ``None`` for the plain base. Raise
+        :class:`accel.api.ConfigError` naming the flag or key and the fix. Keep what later
+        hooks need on the plugin; leave ``run_config`` as it is.
+        """
 
     @_spec(Combine.SINGLE)
     def load_model(self, model_name_or_path: str, model_kwargs: dict[str, Any]) -> PreTrainedModel:
@@ -212,6 +233,15 @@ class HookSpecs:
     @_spec(Combine.FANOUT)
     def export(self, model: Model, output_dir: str) -> None:
         """Called on the main process after the final model is saved to ``output_dir``."""
+
+    @_spec(Combine.SINGLE)
+    def trained_examples(self) -> Mapping[str, int] | None:
+        """Examples of each dataset of the data config trained so far, for the summary.
+
+        For the data mixer (the plugin declaring
+        :attr:`accel.api.AccelerationPlugin.data_mixer`), which draws the batches itself.
+        Return ``None`` to keep the core's count, computed from the static mix.
+        """
 
     @_spec(Combine.FANOUT, joins=True)
     def report_lines(self) -> Sequence[str]:

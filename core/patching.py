@@ -35,6 +35,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .errors import AccelError, PatchError
+from .helpers import add_note
 
 Revert = Callable[[], None]
 
@@ -172,7 +173,7 @@ def _run(rule: PatchRule, path: str, action: Callable[..., Any], *args: Any) -> 
         err.args = (f"patch rule '{rule.name}' on {_describe(path, module)}: {err}",)
         raise
     except Exception as err:
-        _add_note(err, f"accel: raised by patch rule '{rule.name}' on {_describe(path, module)}")
+        add_note(err, f"accel: raised by patch rule '{rule.name}' on {_describe(path, module)}")
         raise
 
 
@@ -284,11 +285,3 @@ def set_attribute(obj: Any, name: str, value: Any) -> Revert:
 def bind(function: Callable[..., Any], module: Any) -> Callable[..., Any]:
     """Bind ``function(module, ...)`` to ``module`` so it can serve as its forward."""
     return types.MethodType(function, module)
-
-
-def _add_note(err: BaseException, text: str) -> None:
-    """``err.add_note(text)`` (Python 3.11+; on 3.10 the note is kept in ``__notes__``)."""
-    if hasattr(err, "add_note"):
-        err.add_note(text)
-    else:
-        err.__notes__ = [*getattr(err, "__notes__", []), text]  # type: ignore[attr-defined]

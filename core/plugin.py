@@ -11,12 +11,25 @@ refused when it is defined.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from .flags import Flag
 from .hookspecs import check_attribute, hook
 
-__all__ = ["AccelerationPlugin", "Flag", "hook"]
+__all__ = ["AccelerationPlugin", "BaseLayer", "Flag", "hook"]
+
+
+@dataclass(frozen=True)
+class BaseLayer:
+    """The layers an active plugin loads the base with, as the ``check_run`` hook sees them."""
+
+    #: the plugin's :attr:`AccelerationPlugin.base_layer`
+    kind: str
+    #: the plugin that loads them
+    plugin: str
+    #: how that plugin is activated (its :attr:`AccelerationPlugin.usage`)
+    usage: str
 
 
 class AccelerationPlugin:
@@ -52,6 +65,24 @@ class AccelerationPlugin:
     #: the core versions this plugin works with (a PEP 440 specifier)
     core_versions: ClassVar[str] = ">=0.1,<0.2"
 
+    # Capabilities: what the plugin provides, read by the core without knowing the plugin.
+    #: how a user activates the plugin, quoted in errors of the core and other plugins
+    #: (e.g. ``"--my_flag value"``); default: its first flag, else its config paths
+    usage: ClassVar[str] = ""
+    #: the kind of layers the plugin loads the base model with (e.g. a 4-bit linear kind;
+    #: ``""``: the plain layers); other plugins see it in ``check_run``'s ``base_layer``
+    base_layer: ClassVar[str] = ""
+    #: ``quant_method`` values (a checkpoint's ``quantization_config``) this plugin trains;
+    #: a run on such a checkpoint without an active plugin that declares it is refused
+    quant_methods: ClassVar[tuple[str, ...]] = ()
+    #: the ``dataprocessor.type`` of a data config this plugin mixes (it owns the training
+    #: loader); ``dataprocessor.<type>`` holds its options, read as ``DataMix.options``
+    data_mixer: ClassVar[str] = ""
+
+    #: set by the plugin (in ``check_run``) when its own loss applies
+    #: ``--label_smoothing_factor``: the trainer then builds no label smoother of its own
+    applies_label_smoothing: bool = False
+
     #: hook name -> the spec keywords its implementation takes (``None``: all); set per class
     _accel_hooks: ClassVar[dict[str, frozenset[str] | None]] = {}
 
@@ -82,6 +113,15 @@ class AccelerationPlugin:
     def implements(cls, hook: str) -> bool:
         """Whether this plugin implements ``hook`` (a method marked with ``@hook``)."""
         return hook in cls._accel_hooks
+
+    @classmethod
+    def usage_text(cls) -> str:
+        """:attr:`usage`, else the first flag, else the config paths that activate the plugin."""
+        if cls.usage:
+            return cls.usage
+        if cls.flags:
+            return f"--{cls.flags[0].name}"
+        return ", ".join(f"plugins.{path}" for path in cls.config_paths)
 
     @classmethod
     def schema_for(cls, path: str) -> type | None:

@@ -31,13 +31,19 @@ class CatalogEntry:
     config_paths: tuple[str, ...]
     flags: tuple[str, ...]
     summary: str
+    commands: tuple[str, ...] = ()  # `accel` commands its package adds ("plot.odm": `plot odm`)
+    folder: str = ""  # its folder in a checkout (default plugins/<package>)
+
+    @property
+    def checkout_folder(self) -> str:
+        return self.folder or f"plugins/{self.package}"
 
 
 CATALOG: tuple[CatalogEntry, ...] = (
     CatalogEntry(
         "fused_ops",
         "accel-fused-ops",
-        "fused-ops",
+        "fused_ops",
         ("fused_ops",),
         ("training.fused_ops_and_kernels", "peft.quantization.fused_ops_and_kernels"),
         ("fast_kernels", "fused_lora"),
@@ -46,7 +52,7 @@ CATALOG: tuple[CatalogEntry, ...] = (
     CatalogEntry(
         "attention_packing",
         "accel-attention-packing",
-        "attention-packing",
+        "attention_packing",
         ("padding_free", "multipack"),
         ("training.attention.padding_free", "training.dataloader.multipack"),
         ("padding_free", "multipack"),
@@ -60,6 +66,7 @@ CATALOG: tuple[CatalogEntry, ...] = (
         ("peft.quantization.auto_gptq", "peft.quantization.bitsandbytes"),
         ("auto_gptq", "bnb_qlora"),
         "GPTQ-LoRA (gptqmodel) and bitsandbytes QLoRA",
+        commands=("quantize", "export.merged"),
     ),
     CatalogEntry(
         "moe",
@@ -69,6 +76,7 @@ CATALOG: tuple[CatalogEntry, ...] = (
         ("training.moe.scattermoe",),
         ("fast_moe",),
         "ScatterMoE kernels, expert parallelism, checkpoint export",
+        commands=("moe.export",),
     ),
     CatalogEntry(
         "odm",
@@ -78,6 +86,19 @@ CATALOG: tuple[CatalogEntry, ...] = (
         ("training.odm.odm",),
         ("odm",),
         "online data mixing",
+        commands=("plot.odm",),
+    ),
+    # not a plugin: the experiment-matrix tool, a package of its own
+    CatalogEntry(
+        "bench",
+        "accel-bench",
+        "bench",
+        (),
+        (),
+        (),
+        "the fine-tuning experiment matrix (accel bench)",
+        commands=("bench", "corpus"),
+        folder="bench",
     ),
 )
 
@@ -94,6 +115,11 @@ def catalog_for_flag(flag: str) -> CatalogEntry | None:
     return next((e for e in CATALOG if flag in e.flags), None)
 
 
+def catalog_for_command(name: str) -> CatalogEntry | None:
+    """The first-party package that adds the command ``name`` ("quantize", "plot.odm")."""
+    return next((e for e in CATALOG if name in e.commands), None)
+
+
 def catalog_for_name(name: str) -> CatalogEntry | None:
     """Find a catalog entry by folder name, plugin name or distribution name."""
     norm = name.replace("-", "_").lower()
@@ -104,7 +130,12 @@ def catalog_for_name(name: str) -> CatalogEntry | None:
     return None
 
 
-def missing_plugin_error(what: str, entry: CatalogEntry) -> PluginNotInstalledError:
+def missing_plugin_error(what: str, entry: CatalogEntry) -> AccelError:
+    from .discovery import unavailable_error
+
+    for path in entry.config_paths:  # installed but broken, or switched off
+        if (err := unavailable_error(what, path=path)) is not None:
+            return err
     return PluginNotInstalledError(
         f"{what} needs the plugin package '{entry.distribution}' ({entry.summary}), which is not "
         f"installed. Install it with: {install_command(entry)}"
@@ -153,38 +184,28 @@ def installed_flags(available: Mapping[str, PluginInfo]) -> dict[str, tuple[Flag
 
 def all_flag_names(available: Mapping[str, PluginInfo]) -> list[str]:
     """Installed plugins' flags and the catalog's (whose use answers with the install command)."""
+    from .discovery import discover
+
     names = set(installed_flags(available))
     names.update(f for entry in CATALOG for f in entry.flags)
+    names.update(f for broken in discover().broken for f in broken.flags)
     return sorted(names)
 
 
 def known_paths(owners: Mapping[str, PluginInfo]) -> set[str]:
     """Every activation path a config may name: installed plugins' and the catalog's."""
-    return set(owners) | {p for e in CATALOG for p in e.config_paths}
+    from .discovery import discover
+
+    broken = {p for b in discover().broken for p in b.config_paths}
+    return set(owners) | {p for e in CATALOG for p in e.config_paths} | broken
 
 
 def discover_plugins() -> dict[str, PluginInfo]:
-    """Load every plugin class registered in the ``accel.plugins`` entry-point group."""
-    found: dict[str, PluginInfo] = {}
-    for ep in metadata.entry_points(group=ENTRY_POINT_GROUP):
-        dist = ep.dist.name if ep.dist is not None else "?"
-        version = ep.dist.version if ep.dist is not None else "?"
-        try:
-            cls = ep.load()
-        except Exception as err:  # a broken third-party plugin must say who it is
-            raise AccelError(
-                f"plugin entry point '{ep.name} = {ep.value}' from package '{dist}' failed to "
-                f"import: {type(err).__name__}: {err}. Fix or uninstall that package."
-            ) from err
-        info = plugin_info(cls, dist, version, f"{ep.name} = {ep.value}")
-        if info.name in found:
-            other = found[info.name]
-            raise PluginConflictError(
-                f"two installed plugins are named '{info.name}': from '{other.distribution}' and "
-                f"from '{info.distribution}'. Uninstall one of them."
-            )
-        found[info.name] = info
-    return found
+    """The usable plugin classes registered in the ``accel.plugins`` entry-point group; a
+    broken or switched-off one is skipped (see :mod:`accel.discovery`)."""
+    from .discovery import discover
+
+    return discover().plugins
 
 
 def plugin_info(

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from .config import ROOT, collect_sections, load_acceleration_config
+from .discovery import unavailable_error
 from .errors import ConfigError
 from .registry import (
     PluginInfo,
@@ -69,8 +70,8 @@ def gather_sources(
             raise ConfigError(f"{origin}: expected a mapping of config paths, got {plugins!r}")
         if not plugins:
             raise ConfigError(
-                f"{origin} is empty; name a plugin config path under it (e.g. "
-                f"{ROOT}.training.fused_ops_and_kernels.fast_swiglu) or remove it"
+                f"{origin} is empty; name a plugin config path under it (`accel plugins` "
+                "lists each plugin's paths) or remove it"
             )
         found.append(_tree_source(plugins, origin, known))
     found.extend(flag_sources(flags or {}, available))
@@ -103,7 +104,9 @@ def flag_sources(values: Mapping[str, Any], available: Mapping[str, PluginInfo])
             entry = catalog_for_flag(name)
             if entry is not None:
                 raise missing_plugin_error(f"--{name}", entry)
-            raise ConfigError(f"unknown acceleration flag --{name}")
+            raise unavailable_error(f"--{name}", flag=name) or ConfigError(
+                f"unknown acceleration flag --{name}"
+            )
         flag = table[name][0]
         items = list(raw) if isinstance(raw, (list, tuple)) else [raw]
         found.append(Source(f"--{name}", {flag.path: flag.to_config(items)}, coerce=True))
@@ -149,7 +152,9 @@ def _typed(source: Source, path: str, sub: Any, owners: Mapping[str, PluginInfo]
     if path not in owners:
         entry = catalog_for_path(path)
         if entry is None:
-            raise ConfigError(f"{source.origin}: unknown config path '{where}'")
+            raise unavailable_error(f"config path '{where}'", path=path) or ConfigError(
+                f"{source.origin}: unknown config path '{where}'"
+            )
         raise missing_plugin_error(f"config path '{where}'", entry)
     if sub is None:
         sub = {}

@@ -14,7 +14,7 @@ PIP=(.venv/bin/python -m pip --disable-pip-version-check -q)
 # package can drag in a CUDA build of torch.
 "${PIP[@]}" install "torch==2.13.0"
 PLUGINS=()
-for dir in plugins/*/; do
+for dir in plugins/*/ bench/; do
     PLUGINS+=(-e "$dir")
 done
 "${PIP[@]}" install -c requirements/constraints.txt -e ".[all]" "${PLUGINS[@]}" "$@"

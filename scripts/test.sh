@@ -6,7 +6,7 @@ cd "$(dirname "$0")/.."
 bash scripts/install.sh -r requirements/test.txt
 export TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1
 status=0
-.venv/bin/ruff check core cli plugins tests benchmarks scripts || status=$?
-.venv/bin/ruff format --check core cli plugins tests benchmarks scripts || status=$?
+.venv/bin/ruff check core cli plugins bench tests benchmarks scripts || status=$?
+.venv/bin/ruff format --check core cli plugins bench tests benchmarks scripts || status=$?
 .venv/bin/python -m pytest -q "$@" || status=$?
 exit $status

@@ -66,14 +66,28 @@ def test_install_unknown_plugin_is_a_clear_error():
 
 
 def test_install_dry_run_uses_checkout_and_constraints():
-    out = accel("install", "fused-ops", "--dry-run")
+    out = accel("install", "fused-ops", "--dry-run", "--force")
     assert out.returncode == 0, out.stderr
     assert "plugins/fused_ops" in out.stdout and "constraints.txt" in out.stdout
-    assert "pip install" in out.stdout
+    assert out.stdout.startswith("accel: would run: ") and "pip install -q" in out.stdout
+    assert "running" not in out.stdout
+
+
+def test_install_in_a_checkout_keeps_the_editable_install():
+    """The test venv has the checkout's plugins editable: installing again changes nothing."""
+    from accel.cli.install import editable_source
+
+    if editable_source("accel-fused-ops") != (REPO / "plugins" / "fused_ops").resolve():
+        pytest.skip("accel-fused-ops is not installed editable from this checkout")
+    out = accel("install", "fused_ops", "--dry-run")
+    assert out.returncode == 0, out.stderr
+    assert "installed already (editable" in out.stdout and "would run" not in out.stdout
+    forced = accel("install", "fused_ops", "--force", "--dry-run")
+    assert " -e " in forced.stdout  # the core is editable here, so the reinstall is too
 
 
 def test_install_plugin_not_in_checkout():
-    absent = next((e for e in CATALOG if not (REPO / "plugins" / e.package).is_dir()), None)
+    absent = next((e for e in CATALOG if not (REPO / e.checkout_folder).is_dir()), None)
     if absent is None:
         pytest.skip("every first-party plugin is in this checkout")
     out = accel("install", absent.package, "--dry-run")

@@ -33,6 +33,7 @@ def framework(*classes: type[AccelerationPlugin]) -> AccelerationFramework:
 
 def test_every_hook_has_a_spec_with_a_docstring():
     assert list(SPECS) == [
+        "check_run",
         "load_model",
         "augment_model",
         "patch_rules",
@@ -43,6 +44,7 @@ def test_every_hook_has_a_spec_with_a_docstring():
         "callbacks",
         "on_save",
         "export",
+        "trained_examples",
         "report_lines",
     ]
     combine = {name: spec.combine for name, spec in SPECS.items()}

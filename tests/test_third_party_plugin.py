@@ -182,3 +182,13 @@ def test_hooks_run_in_real_training(hello_site, base_args, tmp_path):
     assert events[0] == {"event": "augment_model", "greeting": "howdy", "model": "LlamaForCausalLM"}
     assert events[2]["steps"] == 2
     assert events[3]["norm_calls"] >= 2 * 5  # the wrapper ran in every training forward
+    assert events[3]["output_dir"] == str((tmp_path / "m").resolve())  # what was saved
+
+    # nothing saved: no export
+    record.unlink()
+    unsaved = {k: v for k, v in args.items() if k != "save_model_dir"}
+    path.write_text(json.dumps({**unsaved, "output_dir": str(tmp_path / "unsaved")}))
+    out = run(hello_site, "-m", "accel.cli", "train", str(path), record=record)
+    assert out.returncode == 0, out.stderr[-3000:]
+    names = [json.loads(x)["event"] for x in record.read_text().splitlines()]
+    assert names == ["augment_model", "prepare_dataset", "train_end"]

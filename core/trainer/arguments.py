@@ -125,6 +125,10 @@ class TrainingArguments(transformers.TrainingArguments):
         },
     )
     logging_steps: float = field(default=1, metadata={"help": "Log every N steps."})
+    logging_first_step: bool = field(
+        default=True,
+        metadata={"help": "Log the first step too (the summary's first_loss is its loss)."},
+    )
     save_strategy: str = field(default="epoch", metadata={"help": "no, steps or epoch."})
     resume_from_checkpoint: str | None = field(
         default=None,

@@ -12,10 +12,13 @@ from transformers import TrainerCallback
 
 
 class JsonlLogCallback(TrainerCallback):
-    """Append one JSON line per log event to ``output_dir/training_logs.jsonl`` (main process)."""
+    """Append one JSON line per log event to ``output_dir/training_logs.jsonl`` (main process).
+    Each line also holds ``tokens_seen`` (this process's count times the processes), from which
+    ``accel plot loss`` draws tokens/s."""
 
-    def __init__(self, output_dir: str) -> None:
+    def __init__(self, output_dir: str, trainer: Any = None) -> None:
         self.path = Path(output_dir) / "training_logs.jsonl"
+        self.trainer = trainer
 
     def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         """On resume, drop the records of steps after the checkpoint (training that was redone)
@@ -39,6 +42,9 @@ class JsonlLogCallback(TrainerCallback):
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
         record = {"step": state.global_step, "epoch": state.epoch, "timestamp": time.time(), **logs}
+        seen = getattr(self.trainer, "tokens_seen", None)
+        if isinstance(seen, int) and "loss" in logs:
+            record["tokens_seen"] = seen * max(1, args.world_size)
         with self.path.open("a") as fh:
             fh.write(json.dumps(record) + "\n")
 

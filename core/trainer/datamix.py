@@ -3,10 +3,10 @@
 The file follows fms-hf-tuning's data config layout::
 
     dataprocessor:
-      type: default            # default: static mixing by the weights; odm: online mixing
+      type: default            # default: static mixing by the weights; or a plugin's mixer
       seed: 42                 # the mixing order is a pure function of the seed
       sampling_stopping_strategy: all_exhausted   # or first_exhausted (the epoch length)
-      odm: {...}               # type odm only: options of the odm plugin (gamma, eta, ...)
+      <type>: {...}            # a plugin mixer's options, under its type's name
     datasets:
       - name: math
         data_paths: [math.jsonl]            # files or folders (JSON, JSONL, parquet, arrow)
@@ -30,13 +30,17 @@ datasets within the epoch is shuffled too. Everything depends only on ``seed``. 
 weights the datasets are concatenated (every example once per epoch). Every epoch of the
 trainer goes over the same mixture, shuffled anew by the trainer's sampler.
 
+A ``type`` other than ``default`` names the data mixer of a plugin (the plugin class's
+``data_mixer``): the datasets are laid one after the other and the plugin draws the batches
+(it owns the training loader); ``dataprocessor.<type>`` holds its options.
+
 Bad configs are errors naming the dataset and the key, raised before any model loads.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -47,7 +51,7 @@ if TYPE_CHECKING:
     from .arguments import DataArguments
     from .parsing import TrainConfig
 
-PROCESSOR_KEYS = ("type", "seed", "sampling_seed", "sampling_stopping_strategy", "odm")
+PROCESSOR_KEYS = ("type", "seed", "sampling_seed", "sampling_stopping_strategy")
 DATASET_KEYS = (
     "name",
     "data_paths",
@@ -59,7 +63,8 @@ DATASET_KEYS = (
     "pretokenized",
 )
 FORMAT_KEYS = ("dataset_text_field", "data_formatter_template", "response_template")
-TYPES = ("default", "odm")
+#: the core's own mixing; any other ``type`` is a plugin's ``data_mixer``
+STATIC = "default"
 STRATEGIES = ("all_exhausted", "first_exhausted")
 #: fms-hf-tuning keys this trainer does not implement, with what to use instead
 UNSUPPORTED = {
@@ -98,7 +103,8 @@ class DataConfig:
     seed: int
     strategy: str
     datasets: tuple[DatasetSpec, ...]
-    odm: Mapping[str, Any] = field(default_factory=dict)
+    #: ``dataprocessor.<type>``: the options of a plugin's mixer
+    options: Mapping[str, Any] = field(default_factory=dict)
 
     @property
     def names(self) -> list[str]:
@@ -123,9 +129,9 @@ class DataMix:
 
     Attached to the training dataset as ``accel_mix`` (see :func:`attach`). ``sizes`` are the
     rows of each dataset (in the order of ``names``) in the training dataset, which holds
-    them one after the other (``type: odm``) or holds the statically mixed epoch, whose
-    composition is ``per_epoch``. An online mixer sets ``trained_counts`` to report exact
-    examples trained per dataset.
+    them one after the other (a plugin's mixer, which draws the batches itself) or holds the
+    statically mixed epoch, whose composition is ``per_epoch``. ``options`` are the mixer's
+    (``dataprocessor.<type>``).
     """
 
     type: str
@@ -133,10 +139,9 @@ class DataMix:
     sizes: list[int]
     weights: list[float] | None
     seed: int
-    odm: Mapping[str, Any]
+    options: Mapping[str, Any]
     per_epoch: list[int]
     eval_names: list[str] = field(default_factory=list)
-    trained_counts: Callable[[], list[int]] | None = None
 
     @property
     def offsets(self) -> list[int]:
@@ -162,8 +167,20 @@ def mix_of(dataset: Any) -> DataMix | None:
 # -- reading and checking the file -------------------------------------------------------
 
 
-def read_data_config(path: str) -> DataConfig:
-    """Parse and check ``path`` (YAML or JSON) without reading the data files."""
+def mixer_types(available: Mapping[str, Any] | None = None) -> list[str]:
+    """``default`` and the ``data_mixer`` of every installed plugin (discovered when
+    ``available`` is not given)."""
+    if available is None:
+        from ..registry import discover_plugins
+
+        available = discover_plugins()
+    mixers = {info.cls.data_mixer for info in available.values() if info.cls.data_mixer}
+    return [STATIC, *sorted(mixers)]
+
+
+def read_data_config(path: str, types: list[str] | None = None) -> DataConfig:
+    """Parse and check ``path`` (YAML or JSON) without reading the data files. ``types``: the
+    valid ``dataprocessor.type`` values (default: :func:`mixer_types`)."""
     import yaml
 
     file = Path(path)
@@ -180,13 +197,21 @@ def read_data_config(path: str) -> DataConfig:
     proc = raw.get("dataprocessor") or {}
     if not isinstance(proc, dict):
         raise ConfigError(f"{where}: dataprocessor must be a mapping (type, seed, ...)")
-    _unknown(proc, PROCESSOR_KEYS, f"{where}: dataprocessor")
-    kind = proc.get("type", "default")
-    if kind not in TYPES:
+    types = mixer_types() if types is None else types
+    kind = proc.get("type", STATIC)
+    if kind not in types:
         raise ConfigError(
-            f"{where}: dataprocessor.type '{kind}' is not one of {', '.join(TYPES)}."
-            f"{did_you_mean(str(kind), list(TYPES))}"
+            f"{where}: dataprocessor.type '{kind}' is not one of {', '.join(types)}."
+            f"{did_you_mean(str(kind), types)}"
         )
+    mixers = [t for t in types if t != STATIC]
+    for other in mixers:
+        if other != kind and proc.get(other) is not None:
+            raise ConfigError(
+                f"{where}: dataprocessor.{other} is set but dataprocessor.type is '{kind}'; "
+                f"set type: {other} to mix with it, or remove the {other} section"
+            )
+    _unknown(proc, (*PROCESSOR_KEYS, *mixers), f"{where}: dataprocessor")
     seed = proc.get("seed", proc.get("sampling_seed", 42))
     if not isinstance(seed, int) or isinstance(seed, bool):
         raise ConfigError(f"{where}: dataprocessor.seed must be an integer, got {seed!r}")
@@ -196,14 +221,9 @@ def read_data_config(path: str) -> DataConfig:
             f"{where}: dataprocessor.sampling_stopping_strategy '{strategy}' is not one of "
             f"{', '.join(STRATEGIES)}"
         )
-    odm = proc.get("odm") or {}
-    if not isinstance(odm, dict):
-        raise ConfigError(f"{where}: dataprocessor.odm must be a mapping of odm options")
-    if odm and kind != "odm":
-        raise ConfigError(
-            f"{where}: dataprocessor.odm is set but dataprocessor.type is '{kind}'; set "
-            "type: odm for online mixing, or remove the odm section"
-        )
+    options = (proc.get(kind) or {}) if kind != STATIC else {}
+    if not isinstance(options, dict):
+        raise ConfigError(f"{where}: dataprocessor.{kind} must be a mapping of {kind} options")
     items = raw.get("datasets")
     if not isinstance(items, list) or not items:
         raise ConfigError(f"{where}: datasets must be a non-empty list of datasets")
@@ -228,9 +248,9 @@ def read_data_config(path: str) -> DataConfig:
             raise ConfigError(
                 f"{where}: every sampling weight is 0; give at least one dataset a weight > 0"
             )
-    if kind == "odm" and len(specs) < 2:
-        raise ConfigError(f"{where}: dataprocessor.type odm mixes datasets; list at least two")
-    return DataConfig(str(path), kind, seed, strategy, tuple(specs), odm)
+    if kind != STATIC and len(specs) < 2:
+        raise ConfigError(f"{where}: dataprocessor.type {kind} mixes datasets; list at least two")
+    return DataConfig(str(path), kind, seed, strategy, tuple(specs), options)
 
 
 def _unknown(mapping: Mapping[str, Any], known: tuple[str, ...], where: str) -> None:
@@ -363,7 +383,7 @@ def _check_pretokenized(path: str, key: str) -> None:
 
 def build_datasets(cfg: DataConfig, tokenizer: Any, data_args: DataArguments) -> tuple[Any, Any]:
     """Load, tokenize and split every dataset; return ``(train, eval)``: train is the static
-    mix (``type: default``) or the datasets one after the other (``type: odm``), with its
+    mix (``type: default``) or the datasets one after the other (a plugin's mixer), with its
     :class:`DataMix` attached; eval is ``{name: dataset}`` for datasets with a validation
     split, else None."""
     import datasets
@@ -390,13 +410,15 @@ def build_datasets(cfg: DataConfig, tokenizer: Any, data_args: DataArguments) ->
     sizes = [len(t) for t in trains]
     weights = cfg.weights()
     whole = datasets.concatenate_datasets(trains)
-    if cfg.type == "odm":
+    if cfg.type != STATIC:
         per_epoch = list(sizes)
         train_ds = whole
     else:
         order, per_epoch = static_mix(sizes, weights, cfg.seed, cfg.strategy)
         train_ds = whole.select(order) if weights is not None else whole
-    mix = DataMix(cfg.type, names, sizes, weights, cfg.seed, dict(cfg.odm), per_epoch, list(evals))
+    mix = DataMix(
+        cfg.type, names, sizes, weights, cfg.seed, dict(cfg.options), per_epoch, list(evals)
+    )
     return attach(train_ds, mix), (evals or None)
 
 
@@ -462,11 +484,9 @@ def static_mix(
 
 
 def examples_per_dataset(mix: DataMix, steps: int, per_step: int) -> dict[str, Any]:
-    """For the summary: exact trained counts from an online mixer; for a static mix, the
-    composition of every whole epoch trained plus the last partial epoch in proportion
-    (``per_step``: examples per optimizer step over all processes)."""
-    if mix.trained_counts is not None:
-        return dict(zip(mix.names, mix.trained_counts()))
+    """For the summary of a static mix: the composition of every whole epoch trained plus
+    the last partial epoch in proportion (``per_step``: examples per optimizer step over all
+    processes). A plugin's mixer counts its own (the ``trained_examples`` hook)."""
     epoch = sum(mix.per_epoch)
     steps_per_epoch = max(1, math.ceil(epoch / per_step))
     full, rest = divmod(steps, steps_per_epoch)
@@ -474,25 +494,25 @@ def examples_per_dataset(mix: DataMix, steps: int, per_step: int) -> dict[str, A
     return {n: full * c + int(round(c * part)) for n, c in zip(mix.names, mix.per_epoch)}
 
 
-def check_mixer(config: TrainConfig, active: list[str]) -> None:
-    """``type: odm`` needs the odm plugin, and the odm plugin needs a ``type: odm`` config;
-    checked once the plugins are resolved, before any model loads."""
+def check_mixer(config: TrainConfig, framework: Any) -> None:
+    """A ``type`` other than ``default`` needs the active plugin that declares it as its
+    ``data_mixer``, and an active mixer needs a data config of its type; checked once the
+    plugins are resolved, before any model loads."""
     path = getattr(config.data, "data_config", None)
-    kind = read_data_config(path).type if path else None
-    if kind == "odm" and "odm" not in active:
-        from ..registry import catalog_for_path, install_command
-
-        entry = catalog_for_path("training.odm.odm")
-        hint = f" (install it: {install_command(entry)})" if entry else ""
+    kind = read_data_config(path, mixer_types(framework.available)).type if path else None
+    mixer = framework.data_mixer()
+    if kind not in (None, STATIC) and (mixer is None or mixer.data_mixer != kind):
+        owner = next(i for i in framework.available.values() if i.cls.data_mixer == kind)
         raise ConfigError(
-            f"data_config '{path}': dataprocessor.type is odm, which needs the odm plugin: "
-            f"pass --odm{hint}, or set type: default for static mixing"
+            f"data_config '{path}': dataprocessor.type is {kind}, which needs the {owner.name} "
+            f"plugin: pass {owner.cls.usage_text()}, or set type: default for static mixing"
         )
-    if "odm" in active and kind != "odm":
+    if mixer is not None and kind != mixer.data_mixer:
         where = f"data_config '{path}' has dataprocessor.type {kind}" if path else "no data_config"
         raise ConfigError(
-            f"the odm plugin mixes the datasets of a data config, but there is {where}; "
-            "pass --data_config with dataprocessor.type: odm and two or more datasets"
+            f"the {mixer.name} plugin mixes the datasets of a data config, but there is {where}; "
+            f"pass --data_config with dataprocessor.type: {mixer.data_mixer} and two or more "
+            "datasets"
         )
 
 

@@ -17,12 +17,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..discovery import discover_for_run
 from ..framework import AccelerationFramework
-from ..registry import discover_plugins
 from .checkpoints import resolve_resume
 from .loading import default_loader, load_model_config, load_tokenizer, model_kwargs
 from .parsing import TrainConfig, parse_argv, parse_mapping
-from .saving import check_save_dir, save_final_model
+from .saving import check_save_dir, recover_interrupted_save, save_final_model
 
 logger = logging.getLogger("accel")
 
@@ -41,15 +41,26 @@ class TrainResult:
 def train(config: Mapping[str, Any] | TrainConfig | None = None, **kwargs: Any) -> TrainResult:
     """Fine-tune a model. Pass fms-hf-tuning's argument names as keyword arguments
     (``accel.train(model_name_or_path=..., fast_kernels=[True, True, True])``) or a mapping."""
-    available = discover_plugins()
+    from ..threads import configure
+
+    configure()  # CPU thread defaults; only the count can change once torch is imported
+    _quiet_bars()
+    available = discover_for_run()  # a broken or switched-off plugin is named and skipped
     if not isinstance(config, TrainConfig):
         config = parse_mapping({**(config or {}), **kwargs}, available)
     return run(config, available)
 
 
 def main_from_argv(argv: Sequence[str]) -> TrainResult:
-    available = discover_plugins()
+    _quiet_bars()
+    available = discover_for_run()  # a broken or switched-off plugin is named and skipped
     return run(parse_argv(argv, available), available)
+
+
+def _quiet_bars() -> None:
+    from .progress import quiet_library_bars
+
+    quiet_library_bars()
 
 
 def build_framework(config: TrainConfig, available: Mapping[str, Any]) -> AccelerationFramework:
@@ -75,17 +86,16 @@ def run(config: TrainConfig, available: Mapping[str, Any]) -> TrainResult:
     framework = build_framework(config, available)
     from .datamix import check_mixer
 
-    check_mixer(config, framework.names)
+    check_mixer(config, framework)
     _configure_logging(args)
     transformers.set_seed(args.seed)
 
     tokenizer = load_tokenizer(config)
     model_config = load_model_config(config.model.model_name_or_path)
-    framework.check_model(model_config)
-    from .quantized import check_quantized_base
-
-    check_quantized_base(config, framework, model_config)
+    framework.check_model(model_config, config.model.model_name_or_path)
+    framework.check_run(config, model_config)
     check_save_dir(args.save_model_dir)
+    recover_interrupted_save(args.save_model_dir)  # a killed save's folder: one model again
     resume = resolve_resume(  # checked before the model loads: damaged, model-only, foreign
         args.resume_from_checkpoint,
         args.output_dir,
@@ -119,6 +129,9 @@ def run(config: TrainConfig, available: Mapping[str, Any]) -> TrainResult:
     from .trainer import AccelTrainer
 
     args.remove_unused_columns = False
+    from .ddp import set_find_unused
+
+    set_find_unused(args, model)  # off unless a trainable module can be skipped (MoE experts)
     if not torch.cuda.is_available():
         args.dataloader_pin_memory = False  # pinning needs an accelerator; avoids a warning
     trainer = AccelTrainer(
@@ -134,9 +147,12 @@ def run(config: TrainConfig, available: Mapping[str, Any]) -> TrainResult:
     for callback in framework.callbacks(model, trainer.accelerator):
         trainer.add_callback(callback)
     # after the plugins' callbacks, so the JSONL log holds the metrics they add in on_log
-    trainer.add_callback(JsonlLogCallback(args.output_dir))
+    trainer.add_callback(JsonlLogCallback(args.output_dir, trainer))
     distributed.check_engaged(trainer, config)
     trainer.add_callback(distributed.make_engaged_check_callback(trainer))
+    from .progress import install as install_progress_bar
+
+    install_progress_bar(trainer)  # one bar with loss and tokens/s (ACCEL_PROGRESS=verbose: all)
 
     if trainer.is_world_process_zero():
         print(framework.report(), flush=True)
@@ -150,9 +166,8 @@ def run(config: TrainConfig, available: Mapping[str, Any]) -> TrainResult:
     model_dir = None
     if args.save_model_dir:
         model_dir = save_final_model(trainer, args.save_model_dir)
-    export_dir = model_dir or args.output_dir
-    if trainer.is_world_process_zero():
-        framework.export(trainer.model, export_dir)
+    if model_dir is not None and trainer.is_world_process_zero():
+        framework.export(trainer.model, model_dir)  # after a save only; its absolute path
 
     tokens, real_tokens = trainer.global_token_counts()
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
@@ -161,6 +176,11 @@ def run(config: TrainConfig, available: Mapping[str, Any]) -> TrainResult:
         "train_steps": trainer.state.global_step,
         "processes": args.world_size,
         "distributed": distributed.describe(trainer),
+        **(
+            {"ddp_find_unused_parameters": args.ddp_find_unused_parameters}
+            if args.world_size > 1
+            else {}
+        ),
         "train_tokens": tokens,
         "train_tokens_per_s": round(tokens / runtime, 1) if runtime > 0 else math.nan,
         "dataset_tokens_per_s": round(real_tokens / runtime, 1) if runtime > 0 else math.nan,
@@ -169,12 +189,19 @@ def run(config: TrainConfig, available: Mapping[str, Any]) -> TrainResult:
         **_mix_summary(train_ds, trainer),
         "model_saved_to": model_dir or "(not saved: set save_model_dir)",
         "logs": _logs_path(args.output_dir),
+        "cpu_threads": _threads(),
     }
     if trainer.is_world_process_zero():
         print(format_summary(summary), flush=True)
     return TrainResult(
         dict(output.metrics), summary, model_dir, framework, trainer.state.log_history
     )
+
+
+def _threads() -> str:
+    from ..threads import describe
+
+    return describe()
 
 
 def _logs_path(output_dir: str) -> str:
@@ -209,6 +236,9 @@ def _mix_summary(train_ds: Any, trainer: Any) -> dict[str, Any]:
     mix = mix_of(train_ds)
     if mix is None:
         return {}
+    trained = trainer.framework.trained_examples()
+    if trained is not None:
+        return {"examples_per_dataset": dict(trained)}
     a = trainer.args
     per_step = a.per_device_train_batch_size * a.gradient_accumulation_steps * a.world_size
     return {"examples_per_dataset": examples_per_dataset(mix, trainer.state.global_step, per_step)}

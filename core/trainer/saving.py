@@ -19,9 +19,13 @@ user's own files. So the folder is never replaced as a whole:
    ``adapter_model.*``, ``adapter_config.json``), which beside the new model would make the
    folder load ambiguously. Sub-folders (checkpoints) and any other file are never touched.
 
-Before the moves, the manifest lists old and new files together, so a save killed midway
-leaves every model file recorded as the model's; the next save cleans up, and also removes a
-staging folder left by a killed save (only one that carries our marker).
+Before the moves, the manifest lists old and new files together and journals the install
+(which files come in, which old ones go). A save killed during the moves leaves the target
+holding part of each model and the staging folder the rest; the next start (of a run with
+this ``save_model_dir``, or the next save) finishes that install from the journal, so the
+folder is again one whole model, the new one. A save killed before its install began (while
+the staging folder was being written) left the previous model untouched: the next start
+removes the staging folder (only one that carries our marker).
 """
 
 from __future__ import annotations
@@ -66,7 +70,7 @@ def save_final_model(trainer: Any, target: str) -> str:
     if main:
         check_save_dir(str(final))
         final.mkdir(parents=True, exist_ok=True)
-        remove_orphans(final)
+        recover(final)
         staging.mkdir()
         (staging / MARKER).write_text("temporary folder of an accel save; safe to delete\n")
     trainer.accelerator.wait_for_everyone()
@@ -120,18 +124,9 @@ def install(staging: Path, final: Path) -> list[str]:
     kept = [rel for rel in staged if _is_users(final / rel, rel, ours)]
     new = [rel for rel in staged if rel not in kept]
     stale = sorted(ours - set(new))
-    _write_manifest(final, sorted(ours | set(new)))  # a killed save stays cleanable
-    for rel in new:
-        dst = final / rel
-        dst.parent.mkdir(parents=True, exist_ok=True)
-        os.replace(staging / rel, dst)
-    for rel in stale:
-        path = final / rel
-        if path.is_file() or path.is_symlink():
-            path.unlink()
-        _remove_empty_parents(path.parent, final)
-    _write_manifest(final, new)
-    shutil.rmtree(staging)
+    # the journal: a save killed from here on is finished by the next start (recover)
+    _write_manifest(final, sorted(ours | set(new)), {"new": new, "stale": stale})
+    _finish(staging, final, new, stale)
     if kept:
         logger.warning(
             "kept your %s in %s: the model's own file%s of that name %s not written",
@@ -141,6 +136,69 @@ def install(staging: Path, final: Path) -> list[str]:
             "were" if len(kept) > 1 else "was",
         )
     return kept
+
+
+def _finish(staging: Path, final: Path, new: list[str], stale: list[str]) -> None:
+    """Move in the staged files not moved yet, remove the previous model's stale files, record
+    the new model in the manifest, drop the staging folder. Safe to repeat after a kill."""
+    for rel in new:
+        src, dst = staging / rel, final / rel
+        if src.is_file() or src.is_symlink():  # else moved already
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(src, dst)
+    for rel in stale:
+        path = final / rel
+        if path.is_file() or path.is_symlink():
+            path.unlink()
+        _remove_empty_parents(path.parent, final)
+    _write_manifest(final, [rel for rel in new if (final / rel).exists()])
+    if staging.is_dir():
+        shutil.rmtree(staging)
+
+
+def recover(folder: Path) -> str | None:
+    """Make ``folder`` one whole model again after a killed save: finish an install its
+    journal records ("finished"), else remove a staging folder of ours ("removed", the
+    previous model was never touched); None when there was nothing to do."""
+    journal = _journal(folder)
+    staging = folder / STAGING
+    if journal is not None and (not staging.exists() or (staging / MARKER).is_file()):
+        _finish(staging, folder, *journal)
+        (folder / _MANIFEST_TMP).unlink(missing_ok=True)
+        logger.warning("finished the model save that was interrupted in %s", folder)
+        return "finished"
+    had_staging = staging.is_dir()
+    remove_orphans(folder)
+    return "removed" if had_staging else None
+
+
+def recover_interrupted_save(path: str | None) -> None:
+    """At the start of a run (main process): finish or drop a save a killed run left in
+    ``save_model_dir``, before anything reads or replaces that folder."""
+    if not path or os.environ.get("RANK", "0") != "0" or not Path(path).is_dir():
+        return
+    recover(Path(path).resolve())
+
+
+def _journal(folder: Path) -> tuple[list[str], list[str]] | None:
+    """(files coming in, old files going) of an install that did not finish, if any."""
+    try:
+        data = json.loads((folder / MANIFEST).read_text())
+    except (OSError, ValueError):
+        return None
+    journal = data.get("installing") if isinstance(data, dict) else None
+    if not isinstance(journal, dict):
+        return None
+    lists = [journal.get("new"), journal.get("stale")]
+    if not all(isinstance(x, list) for x in lists):
+        return None
+    new, stale = ([f for f in x if _plain(f)] for x in lists)
+    return new, stale
+
+
+def _plain(name: object) -> bool:
+    """A plain relative name inside the folder: never follow a manifest outside it."""
+    return isinstance(name, str) and bool(name) and ".." not in Path(name).parts
 
 
 def _is_users(dst: Path, rel: str, ours: set[str]) -> bool:
@@ -175,13 +233,17 @@ def read_manifest(folder: Path) -> list[str] | None:
     files = data.get("files") if isinstance(data, dict) else None
     if not isinstance(files, list):
         return None
-    # only plain relative names inside the folder: never follow a manifest outside it
-    return [f for f in files if isinstance(f, str) and f and ".." not in Path(f).parts]
+    return [f for f in files if _plain(f)]
 
 
-def _write_manifest(folder: Path, files: list[str]) -> None:
+def _write_manifest(
+    folder: Path, files: list[str], installing: dict[str, list[str]] | None = None
+) -> None:
+    data: dict[str, Any] = {"written_by": "accel", "files": files}
+    if installing is not None:
+        data["installing"] = installing
     tmp = folder / _MANIFEST_TMP
-    tmp.write_text(json.dumps({"written_by": "accel", "files": files}, indent=1) + "\n")
+    tmp.write_text(json.dumps(data, indent=1) + "\n")
     os.replace(tmp, folder / MANIFEST)
 
 

@@ -22,6 +22,10 @@ class AccelTrainer(CheckpointMixin, Trainer):
     def __init__(self, *args: Any, framework: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.framework = framework
+        if framework.applies_label_smoothing:
+            # a plugin's loss smooths the labels itself; the Trainer's smoother would pop the
+            # labels and smooth the logits a second time
+            self.label_smoother = None
         self.tokens_seen = 0  # every position fed to the model, padding included
         self.real_tokens_seen = 0  # positions that are not padding
 

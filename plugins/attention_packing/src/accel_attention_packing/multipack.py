@@ -61,7 +61,7 @@ from typing import Any, Literal
 import numpy as np
 from torch.utils.data import Sampler
 
-from accel.errors import ConfigError
+from accel.api import ConfigError
 
 logger = logging.getLogger(__name__)
 

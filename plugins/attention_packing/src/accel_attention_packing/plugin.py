@@ -6,7 +6,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
-from accel import AccelerationPlugin, ConfigError, Flag, hook
+from accel.api import AccelerationPlugin, ConfigError, Flag, hook
 
 from .support import SUPPORTED_MODEL_TYPES, UNSUPPORTED_REASONS
 
@@ -82,7 +82,7 @@ class PaddingFreePlugin(AccelerationPlugin):
 
         refusal = config_refusal(model.config)
         if refusal is not None:
-            from accel import UnsupportedModelError
+            from accel.api import UnsupportedModelError
 
             raise UnsupportedModelError(f"padding_free: {refusal}")
         register_varlen_attention()

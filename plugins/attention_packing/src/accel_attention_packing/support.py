@@ -11,7 +11,7 @@ Pure data: importing it loads neither torch nor transformers.
 
 from __future__ import annotations
 
-from accel.support import GeneratedBlock, Support, Supported, Unsupported, cell
+from accel.api import GeneratedBlock, Support, Supported, Unsupported, cell
 
 __all__ = ["ARCHITECTURES", "SUPPORTED_MODEL_TYPES", "Support", "Supported", "Unsupported"]
 

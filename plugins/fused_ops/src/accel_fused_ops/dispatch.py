@@ -10,36 +10,18 @@ forced ``triton`` never fails on, say, fp64.
 
 from __future__ import annotations
 
-import os
-
 import torch
 
-IMPLS = ("triton", "torch")
+from accel.api import choose_impl as shared_choose_impl
+from accel.api import triton_interpreting as triton_interpreting
+
 #: dtypes the Triton kernels load and store (they compute in fp32 inside)
 TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
-def triton_interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
 def choose_impl(tensor: torch.Tensor) -> str:
     """Return ``"triton"`` or ``"torch"`` for an op whose main input is ``tensor``."""
-    forced = os.environ.get("ACCEL_KERNEL_IMPL", "").strip().lower()
-    if forced and forced not in IMPLS:
-        raise ValueError(
-            f"ACCEL_KERNEL_IMPL={forced!r} is not valid; expected one of {IMPLS} or unset"
-        )
-    if forced == "torch":
-        return "torch"
-    if forced == "triton":
-        if tensor.is_cuda or triton_interpreting():
-            return "triton"
-        raise RuntimeError(
-            "ACCEL_KERNEL_IMPL=triton was set for a CPU tensor; Triton runs on CPU only "
-            "under TRITON_INTERPRET=1 (set it before importing accel_fused_ops)"
-        )
-    return "triton" if tensor.is_cuda else "torch"
+    return shared_choose_impl(tensor, "accel_fused_ops")
 
 
 def pick_impl(main: torch.Tensor, *others: torch.Tensor | None) -> str:

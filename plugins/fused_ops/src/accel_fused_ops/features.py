@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 from .support import FEATURE_NAMES
 
 if TYPE_CHECKING:
-    from accel import PatchRule
+    from accel.api import PatchRule
 
     from .config import FusedOpsConfig
 

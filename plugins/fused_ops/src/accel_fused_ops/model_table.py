@@ -8,7 +8,7 @@ the tables cannot drift from ``features.FEATURES`` and ``support.ARCHITECTURES``
 
 from __future__ import annotations
 
-from accel.support import GeneratedBlock, cell
+from accel.api import GeneratedBlock, cell
 
 from .features import FEATURE_BY_NAME
 from .support import ARCHITECTURES

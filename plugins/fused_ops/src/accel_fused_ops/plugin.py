@@ -6,17 +6,19 @@ from collections.abc import Sequence
 from functools import reduce
 from typing import TYPE_CHECKING, Any
 
-from accel import AccelerationPlugin, Flag, PatchRule, hook
+from accel.api import AccelerationPlugin, BaseLayer, ConfigError, Flag, PatchRule, hook
 
 from .config import FusedOpsConfig
 from .support import ALL_MODEL_TYPES
 
 if TYPE_CHECKING:
-    from peft import PeftConfig, PeftModel
-    from transformers import PreTrainedModel, TrainingArguments
+    from peft import PeftModel
+    from transformers import PreTrainedModel
 
 TRAINING_PATH = "training.fused_ops_and_kernels"
 PEFT_PATH = "peft.quantization.fused_ops_and_kernels"
+#: the fused_lora base layers that a quantization plugin loads (its ``base_layer``)
+QUANTIZED_BASES = ("auto_gptq", "bitsandbytes")
 
 
 class FusedOpsPlugin(AccelerationPlugin):
@@ -49,43 +51,47 @@ class FusedOpsPlugin(AccelerationPlugin):
         self.settings = reduce(FusedOpsConfig.merged, self.configs.values(), FusedOpsConfig())
 
     @hook
-    def augment_model(
-        self, model: PreTrainedModel, train_args: TrainingArguments, peft_config: PeftConfig | None
-    ) -> tuple[PreTrainedModel, PeftConfig | None]:
-        """Move ``--label_smoothing_factor`` into the fused loss.
+    def check_run(self, run_config: Any, base_layer: BaseLayer | None) -> None:
+        """Take ``--label_smoothing_factor`` into the fused loss, and check that a quantized
+        ``--fused_lora`` base_layer is the base that is loaded, before the model loads.
 
         transformers' Trainer would pop the labels and smooth the model's logits itself, so
         the fused loss would never run (and fused-linear mode returns no logits). Instead the
         factor becomes the fused loss's ``label_smoothing`` (the same loss: torch's smoothing,
-        normalised by ``num_items_in_batch`` as the Trainer's smoother is), the argument is 0
-        while the Trainer is built (no label smoother) and restored in :meth:`callbacks`.
+        normalised by ``num_items_in_batch`` as the Trainer's smoother is), and
+        ``applies_label_smoothing`` tells the trainer to build no smoother of its own.
         """
+        train_args = run_config.training
         smoothing = float(getattr(train_args, "label_smoothing_factor", 0.0) or 0.0)
         if self.settings.loss_mode is not None and smoothing:
             import dataclasses
 
             configured = self.settings.label_smoothing
             if configured not in (0.0, smoothing):
-                from accel.errors import ConfigError
-
                 raise ConfigError(
                     f"--label_smoothing_factor {smoothing} and fused_ops_and_kernels."
                     f"label_smoothing {configured} disagree; give one of them"
                 )
             self.settings = dataclasses.replace(self.settings, label_smoothing=smoothing)
-            self._restore_smoothing = (train_args, smoothing)
-            train_args.label_smoothing_factor = 0.0
-        return model, peft_config
+            self.applies_label_smoothing = True
+        self._check_fused_lora_base(base_layer)
+
+    def _check_fused_lora_base(self, loaded: BaseLayer | None) -> None:
+        """A quantized ``base_layer`` must be the base the quantization plugin loads: another
+        base leaves no LoRA layer of that kind to fuse. (Without a quantized base, the check
+        of the layers found runs once the adapters are in place.)"""
+        wanted = self.settings.base_layer if self.settings.fused_lora else None
+        if wanted not in QUANTIZED_BASES or loaded is None or loaded.kind == wanted:
+            return
+        raise ConfigError(
+            f"--fused_lora {wanted} True: fused_lora's base_layer is '{wanted}', but the base "
+            f"is loaded by plugin '{loaded.plugin}' ({loaded.usage}), so the LoRA layers sit "
+            f"on {loaded.kind} layers; pass --fused_lora {loaded.kind} True"
+        )
 
     @hook
     def callbacks(self, model: PreTrainedModel | PeftModel, accelerator: Any) -> Sequence[Any]:
-        """Log token_accuracy / z_loss when asked for; the Trainer now exists, so the
-        label-smoothing argument taken over in :meth:`augment_model` is put back."""
-        restore = getattr(self, "_restore_smoothing", None)
-        if restore is not None:
-            train_args, smoothing = restore
-            train_args.label_smoothing_factor = smoothing
-            self._restore_smoothing = None
+        """Log token_accuracy / z_loss when asked for."""
         if not (self.settings.token_accuracy or self.settings.z_loss):
             return []
         from .integration.loss import metrics_callback

@@ -12,8 +12,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from accel import PatchError, PatchRule
-from accel.patching import model_type_of
+from accel.api import PatchError, PatchRule, model_type_of
 
 from .config import FusedOpsConfig
 from .features import FEATURE_BY_NAME, FEATURES, requested

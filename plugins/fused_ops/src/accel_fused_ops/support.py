@@ -18,7 +18,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from accel.support import Support, Supported, Unsupported
+from accel.api import Support, Supported, Unsupported
 
 #: the plugin's features (config switches), in the order ``features.FEATURES`` applies them
 FEATURE_NAMES = (

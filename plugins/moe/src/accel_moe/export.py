@@ -17,6 +17,6 @@ from pathlib import Path
 
 def export_checkpoint(checkpoint: str | Path, output: str | Path) -> str:
     """Write the plain model of ``checkpoint`` into the new folder ``output``; return its path."""
-    from accel.trainer.sharded_checkpoint import export_checkpoint as export
+    from accel.api import export_checkpoint as export
 
     return export(checkpoint, output)

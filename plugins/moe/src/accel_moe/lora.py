@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from accel import ConfigError
+from accel.api import ConfigError
 
 _EXPERT_WEIGHTS = ("gate_up_proj", "up_proj", "down_proj")
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from accel import ConfigError
+from accel.api import ConfigError
 
 #: config attributes that hold the number of routed experts, by architecture family
 _EXPERT_COUNT_KEYS = ("num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts")

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-from accel import AccelerationPlugin, ConfigError, Flag, hook
+from accel.api import AccelerationPlugin, ConfigError, Flag, hook
 
 from . import IMPLEMENTATION
 from .config import ScatterMoEConfig
@@ -52,7 +52,7 @@ class ScatterMoEPlugin(AccelerationPlugin):
 
     @hook
     def load_model(self, model_name_or_path: str, model_kwargs: dict[str, Any]) -> PreTrainedModel:
-        from accel.trainer.loading import default_loader, load_model_config
+        from accel.api import default_loader, load_model_config
 
         from .experts import register
         from .parallel import check_model, distributed_config
@@ -83,7 +83,7 @@ class ScatterMoEPlugin(AccelerationPlugin):
                 "plugin loads the model); switch one of them off"
             )
         if ep > 1:
-            from accel.trainer.distributed import check_load_time_sharding_checkpoints
+            from accel.api import check_load_time_sharding_checkpoints
 
             from .parallel import check_sharded
 

@@ -7,13 +7,13 @@ when a plot is rendered, with the non-interactive Agg canvas (no display, no pyp
 
 from __future__ import annotations
 
+import io
 import json
 import math
-import os
 from pathlib import Path
 from typing import Any
 
-from accel.errors import ConfigError, PluginRequirementError
+from accel.api import ConfigError, PluginRequirementError, write_atomic
 
 LOG_FILE = "odm.jsonl"  # the name OdmPlugin writes in output_dir
 WIDTH, HEIGHT, DPI = 9.0, 6.5, 100  # inches, inches, dots per inch: an image of 900 x 650
@@ -101,13 +101,9 @@ def render(records: list[dict[str, Any]], output: str | Path, title: str = "") -
         axes.set_ylim(bottom=0)
     top.legend(loc="upper left", ncols=min(len(names), 4), fontsize="small")
     fig.suptitle(title or "odm: mixing weights and probabilities per dataset")
-    output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = output.with_name(f".{output.name}.tmp")
-    try:
-        fig.savefig(tmp, format="png", dpi=DPI)
-        os.replace(tmp, output)
-    finally:
-        tmp.unlink(missing_ok=True)
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=DPI)
+    write_atomic(output, buffer.getvalue())
     return output
 
 

@@ -7,11 +7,11 @@ Through the contract's hooks only:
 - ``patch_rules``: the model's own ``loss_function`` is wrapped (an ``apply`` rule on that
   model instance): it computes the loss as before and, from the same logits, each example's
   loss or prediction entropy (per packed segment under padding-free), credited to the dataset
-  the example came from (``train_loss``, ``entropy``, ``entropy3_varent1``). No second
+  the example came from (the rewards that read ``forward``, :mod:`.records`). No second
   forward; nothing global is patched;
 - ``callbacks``: a ``TrainerCallback`` that updates the bandit every ``update_interval``
   steps (forward rewards: summed over all ranks, so every rank holds the same weights)
-  or after each evaluation (validation_loss: ``eval_<dataset>_loss`` of every dataset's
+  or after each evaluation (validation rewards: ``eval_<dataset>_loss`` of every dataset's
   validation split), writes ``odm.jsonl`` and restores the state on resume;
 - ``on_save``: the sampler and bandit state go into every checkpoint (``odm_state.json``).
 """
@@ -27,7 +27,9 @@ from typing import TYPE_CHECKING, Any
 
 from transformers import TrainerCallback
 
-from accel import AccelerationPlugin, ConfigError, Flag, PatchRule, hook
+from accel.api import AccelerationPlugin, ConfigError, Flag, PatchRule, hook
+
+from . import records
 
 if TYPE_CHECKING:
     from torch.utils.data import DataLoader
@@ -37,29 +39,13 @@ if TYPE_CHECKING:
 PATH = "training.odm.odm"
 STATE_FILE = "odm_state.json"
 LOG_FILE = "odm.jsonl"
-#: rewards computed from the training forward's logits (the rest: validation_loss)
-FORWARD_REWARDS = ("train_loss", "entropy", "entropy3_varent1")
-REWARDS = (*FORWARD_REWARDS, "validation_loss")
-ALIASES = {"entropy_varentropy": "entropy3_varent1"}
-#: fms-acceleration's other rewards, refused by name with the reason
-NOT_IMPLEMENTED = {
-    "gradnorm": "a step's gradient norm mixes every dataset of the batch",
-    "entropy_last_token": "not implemented",
-    "learnability": "not implemented (needs a second, templated evaluation)",
-    "combined": "not implemented (needs a second, templated evaluation)",
-}
 
 
 @dataclass
 class OdmConfig:
     reward_type: str = field(
         default="train_loss",
-        metadata={
-            "help": "train_loss (each dataset's loss in the training forward), entropy (the "
-            "mean entropy of its predictions there), entropy3_varent1 ((3 x mean + variance of "
-            "the entropy) / 4), or validation_loss (its loss on its validation split, at "
-            "eval_steps)"
-        },
+        metadata={"help": records.help_text()},
     )
     gamma: float = field(
         default=0.1, metadata={"help": "exploration: every probability stays >= gamma / K"}
@@ -74,15 +60,7 @@ class OdmConfig:
     )
 
     def __post_init__(self) -> None:
-        self.reward_type = str(self.reward_type).lower()
-        self.reward_type = ALIASES.get(self.reward_type, self.reward_type)
-        if self.reward_type in NOT_IMPLEMENTED:
-            raise ValueError(
-                f"reward_type '{self.reward_type}' is not supported "
-                f"({NOT_IMPLEMENTED[self.reward_type]}); supported: {', '.join(REWARDS)}"
-            )
-        if self.reward_type not in REWARDS:
-            raise ValueError(f"reward_type '{self.reward_type}' is not one of {', '.join(REWARDS)}")
+        self.reward_type = records.lookup(self.reward_type).name
         if not 0 < self.gamma <= 1:
             raise ValueError(f"gamma must be in (0, 1], got {self.gamma}")
         if self.eta <= 0:
@@ -118,12 +96,13 @@ class OdmPlugin(AccelerationPlugin):
 
     name = "odm"
     config_paths = (PATH,)
+    data_mixer = "odm"
     config_schema = OdmConfig
     flags = (
         Flag(
             "odm",
             PATH,
-            "reward_type: train_loss or validation_loss",
+            f"reward_type: {', '.join(records.names())}",
             fields=("reward_type",),
         ),
     )
@@ -141,13 +120,14 @@ class OdmPlugin(AccelerationPlugin):
         self.output_dir: str | None = None
         self.is_main = True
         self.history: list[tuple[int, list[float]]] = []  # (step, weights) of every update
+        self.signal: records.Signal = records.Signal()
         self._log: Any = None  # odm.jsonl, open in append mode while training
 
     # -- hooks ---------------------------------------------------------------------------
 
     @hook
     def patch_rules(self, model: Any) -> Sequence[PatchRule]:
-        from accel.patching import set_attribute
+        from accel.api import set_attribute
 
         base = model.get_base_model() if hasattr(model, "get_base_model") else model
 
@@ -172,7 +152,7 @@ class OdmPlugin(AccelerationPlugin):
                         labels,
                         kwargs.get("num_items_in_batch"),
                         cu if packed else None,
-                        entropy=self.options.reward_type != "train_loss",
+                        entropy=self.reward.needs_entropy,
                     )
                     self.credit(sums, tokens)
                     return loss
@@ -186,7 +166,7 @@ class OdmPlugin(AccelerationPlugin):
 
     @hook
     def train_dataloader(self, dataset: Any, collator: Any, train_args: Any) -> DataLoader:
-        from accel.trainer.datamix import mix_of
+        from accel.api import mix_of
 
         from .bandit import Exp3
         from .loader import OdmDataLoader
@@ -198,23 +178,24 @@ class OdmPlugin(AccelerationPlugin):
                 "odm mixes the datasets of a data config: pass --data_config with "
                 "dataprocessor.type: odm and two or more datasets"
             )
-        self.options = merge_options(self.options, dict(mix.odm), "data_config")
+        self.options = merge_options(self.options, dict(mix.options), "data_config")
         opts = self.options
         if train_args.dataloader_num_workers:
             raise ConfigError(
                 "odm draws every batch after the previous step's weight update, so batches "
                 "cannot be prepared ahead: set dataloader_num_workers 0"
             )
-        if opts.reward_type == "validation_loss":
+        if self.reward.reads == "validation":
             missing = [n for n in mix.names if n not in mix.eval_names]
             if missing or train_args.eval_strategy == "no":
                 raise ConfigError(
-                    "reward_type validation_loss needs a validation split of every dataset "
+                    f"reward_type {opts.reward_type} needs a validation split of every dataset "
                     f"(split: {{train: 0.9, validation: 0.1}}; missing for "
                     f"{', '.join(missing) or 'none'}) and eval_strategy steps with eval_steps"
                 )
         self.names = list(mix.names)
         self.totals = _zeros(len(self.names))
+        self.signal = self.reward.signal(len(self.names))
         bandit = Exp3(len(self.names), opts.gamma, opts.eta, mix.weights)
         self.sampler = OdmBatchSampler(
             mix.sizes,
@@ -224,12 +205,11 @@ class OdmPlugin(AccelerationPlugin):
             rank=train_args.process_index,
             seed=mix.seed,
             sampling_interval=opts.sampling_interval,
-            track=opts.reward_type in FORWARD_REWARDS,
+            track=self.reward.reads == "forward",
         )
         self.ignore_data_skip = bool(train_args.ignore_data_skip)
         self.output_dir = train_args.output_dir
         self.is_main = train_args.process_index == 0
-        mix.trained_counts = lambda: list(self.sampler.counts)  # type: ignore[union-attr]
         return OdmDataLoader(dataset, batch_sampler=self.sampler, collate_fn=collator)
 
     @hook
@@ -246,12 +226,20 @@ class OdmPlugin(AccelerationPlugin):
             "options": {f.name: getattr(self.options, f.name) for f in fields(OdmConfig)},
             "sampler": self.sampler.state_dict(),
             "totals": self.totals.tolist(),
+            "signal": self.signal.state_dict(),
             "eval_losses": self.eval_losses,
         }
         target = Path(checkpoint_dir) / STATE_FILE
         tmp = target.with_name(f".{STATE_FILE}.tmp")
         tmp.write_text(json.dumps(state))
         os.replace(tmp, target)
+
+    @hook
+    def trained_examples(self) -> dict[str, int] | None:
+        """The examples drawn from each dataset so far (the summary's examples_per_dataset)."""
+        if self.sampler is None:
+            return None
+        return dict(zip(self.names, self.sampler.counts))
 
     @hook
     def report_lines(self) -> Sequence[str]:
@@ -262,6 +250,10 @@ class OdmPlugin(AccelerationPlugin):
         ]
 
     # -- rewards -------------------------------------------------------------------------
+
+    @property
+    def reward(self) -> records.Reward:
+        return records.lookup(self.options.reward_type)
 
     def _records(self, module: Any, labels: Any) -> bool:
         import torch
@@ -288,7 +280,7 @@ class OdmPlugin(AccelerationPlugin):
             )
         packed = cu_seq_lens is not None and labels.shape[0] == 1
         sums, tokens = per_example_sums(
-            logits, labels, cu_seq_lens if packed else None, entropy=kind != "train_loss"
+            logits, labels, cu_seq_lens if packed else None, entropy=self.reward.needs_entropy
         )
         self.credit(sums, tokens)
 
@@ -296,7 +288,7 @@ class OdmPlugin(AccelerationPlugin):
         """The loss and the reward can come from one pass: transformers' default causal-LM
         loss with real logits and no custom label handling."""
         return (
-            self.options.reward_type in FORWARD_REWARDS
+            self.reward.reads == "forward"
             and logits is not None
             and logits.shape[-1] == vocab_size
             and kwargs.get("shift_labels") is None
@@ -305,7 +297,6 @@ class OdmPlugin(AccelerationPlugin):
 
     def credit(self, sums: Any, tokens: Any) -> None:
         """Add each example's reward to its dataset's totals (on the logits' device)."""
-        kind = self.options.reward_type
         if not self.sampler.pending:  # type: ignore[union-attr]
             raise RuntimeError("odm: a training forward ran without a batch from the odm loader")
         sources = self.sampler.pending.popleft()  # type: ignore[union-attr]
@@ -321,18 +312,16 @@ class OdmPlugin(AccelerationPlugin):
         index = torch.tensor(sources, device=sums.device)
         has = (tokens > 0).double()
         means = sums.double() / tokens.double().clamp(min=1)  # per example, over its tokens
-        if kind == "train_loss":
-            reward = means[0]
-        elif kind == "entropy":
-            reward = means[1]
-        else:  # entropy3_varent1: 3 parts mean entropy, 1 part its variance
-            reward = (3 * means[1] + (means[2] - means[1] ** 2).clamp(min=0)) / 4
+        reward = self.reward.per_example(means)  # type: ignore[misc]
         self.totals[0].index_add_(0, index, reward * has)
         self.totals[1].index_add_(0, index, has)
 
-    def update(self, step: int, rewards: list[float | None], observed: list[float]) -> None:
+    def update(self, step: int, measured: list[float | None], observed: list[float]) -> None:
+        """One bandit update from the measured values per dataset (through the reward's
+        signal), logged as one ``odm.jsonl`` line."""
         assert self.sampler is not None
         bandit = self.sampler.bandit
+        rewards = self.signal(measured)
         estimates = bandit.update(rewards)
         weights = bandit.weights()
         self.history.append((step, weights))
@@ -344,6 +333,7 @@ class OdmPlugin(AccelerationPlugin):
                 "probabilities": [
                     (1 - bandit.gamma) * w + bandit.gamma / bandit.k for w in weights
                 ],
+                "measured": measured,
                 "rewards": rewards,
                 "estimates": estimates,
                 "observed": observed,
@@ -409,6 +399,11 @@ class OdmPlugin(AccelerationPlugin):
         except ValueError as err:
             raise ConfigError(f"{found}: {err}") from None
         self.totals = _zeros(len(self.names)) + _tensor(state["totals"])
+        if "signal" in state:
+            try:
+                self.signal.load_state_dict(state["signal"])
+            except (ValueError, KeyError) as err:
+                raise ConfigError(f"{found}: {err}") from None
         self.eval_losses = dict(state["eval_losses"])
         if self.is_main and self.output_dir:
             self.close_log()
@@ -446,7 +441,7 @@ class OdmCallback(TrainerCallback):
 
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         p = self.plugin
-        if p.sampler is None or p.options.reward_type not in FORWARD_REWARDS:
+        if p.sampler is None or p.reward.reads != "forward":
             return
         if state.global_step % p.options.update_interval == 0:
             p.update_from_train(state.global_step)
@@ -455,7 +450,7 @@ class OdmCallback(TrainerCallback):
         self, args: Any, state: Any, control: Any, metrics: dict | None = None, **kwargs: Any
     ) -> None:
         p = self.plugin
-        if p.sampler is not None and p.options.reward_type == "validation_loss" and metrics:
+        if p.sampler is not None and p.reward.reads == "validation" and metrics:
             p.update_from_eval(state.global_step, metrics)
 
 

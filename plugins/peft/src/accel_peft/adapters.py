@@ -12,25 +12,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from accel import ConfigError
+from accel.api import ConfigError
 
 LINEAR_CLASS_MODULES = ("bitsandbytes", "gptqmodel")
-
-
-def check_lora(peft_config: Any, flag: str) -> None:
-    """A quantized base trains LoRA adapters only (its packed weights cannot take gradients)."""
-    import peft
-
-    if peft_config is None:
-        raise ConfigError(
-            f"{flag} freezes the base in 4 bits, so it cannot be fully fine-tuned "
-            "(peft_method none); pass --peft_method lora"
-        )
-    if not isinstance(peft_config, peft.LoraConfig) or getattr(
-        peft_config, "alora_invocation_tokens", None
-    ):
-        kind = type(peft_config).__name__
-        raise ConfigError(f"{flag} trains LoRA adapters; pass --peft_method lora (got {kind})")
 
 
 def is_quantized_linear(module: Any) -> bool:

@@ -16,7 +16,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from accel import ConfigError
+from accel.api import ConfigError
 
 from .output import check_output_dir, staged
 
@@ -69,7 +69,7 @@ def read_adapter(adapter_dir: str) -> tuple[str, dict[str, Any]]:
     base = config.get("base_model_name_or_path")
     if not base:
         raise ConfigError(f"{config_file} names no base_model_name_or_path")
-    from accel.trainer.loading import check_model_source
+    from accel.api import check_model_source
 
     check_model_source(base, f"base model (base_model_name_or_path in {config_file})")
     info_file = folder / BASE_FILE

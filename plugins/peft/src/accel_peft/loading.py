@@ -8,7 +8,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from accel import ConfigError
+from accel.api import ConfigError
 
 from .packages import require
 

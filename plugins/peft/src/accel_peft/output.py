@@ -10,7 +10,7 @@ import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
-from accel import ConfigError
+from accel.api import ConfigError
 
 
 def check_output_dir(path: str, key: str = "output_dir") -> Path:

@@ -16,7 +16,7 @@ def require(kind: str, what: str) -> None:
 
     from packaging.requirements import Requirement
 
-    from accel.errors import PluginRequirementError
+    from accel.api import PluginRequirementError
 
     missing = []
     for text in PACKAGES[kind]:

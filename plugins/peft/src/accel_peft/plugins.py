@@ -7,7 +7,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-from accel import AccelerationPlugin, Flag, hook
+from accel.api import AccelerationPlugin, ConfigError, Flag, hook
 
 from .config import AutoGPTQConfig, BitsAndBytesConfig
 from .packages import PACKAGES
@@ -21,12 +21,22 @@ BNB_PATH = "peft.quantization.bitsandbytes"
 
 
 class _QuantizedLoRAPlugin(AccelerationPlugin):
-    """What both bases share: LoRA only, adapters in the training dtype, no fp32 upcast."""
+    """What both bases share: LoRA only, adapters in the training dtype, no fp32 upcast.
 
-    #: the flag that activates the plugin (named in errors)
-    flag_name = ""
-    #: the kind fused_ops' ``--fused_lora`` calls this base
-    base_layer = ""
+    ``base_layer`` (the kind fused_ops' ``--fused_lora`` calls this base) and ``usage`` are
+    the capabilities other plugins and the core read.
+    """
+
+    @hook
+    def check_run(self, run_config: Any) -> None:
+        """The frozen 4-bit base takes no gradients: only LoRA adapters train on it."""
+        method = run_config.tuning.peft_method
+        if method != "lora":
+            what = "full fine-tuning" if method == "none" else f"peft_method '{method}'"
+            raise ConfigError(
+                f"{self.usage} trains LoRA adapters on a frozen 4-bit base, not {what}; "
+                "pass --peft_method lora"
+            )
 
     @hook
     def augment_model(
@@ -35,9 +45,8 @@ class _QuantizedLoRAPlugin(AccelerationPlugin):
         train_args: TrainingArguments,
         peft_config: PeftConfig | None,
     ) -> tuple[Any, PeftConfig | None]:
-        from .adapters import add_adapters, check_lora
+        from .adapters import add_adapters
 
-        check_lora(peft_config, f"--{self.flag_name}")
         if self.leaves_adapters_to_trainer():
             from .adapters import common_recipe
 
@@ -75,7 +84,7 @@ class BitsAndBytesPlugin(_QuantizedLoRAPlugin):
     )
     conflicts = ("auto_gptq",)
     required_packages = PACKAGES["bitsandbytes"]
-    flag_name = "bnb_qlora"
+    usage = "--bnb_qlora nf4"
     base_layer = "bitsandbytes"
 
     @hook
@@ -120,8 +129,9 @@ class AutoGPTQPlugin(_QuantizedLoRAPlugin):
     )
     conflicts = ("bitsandbytes",)
     required_packages = PACKAGES["gptq"]
-    flag_name = "auto_gptq"
+    usage = "--auto_gptq triton_v2"
     base_layer = "auto_gptq"
+    quant_methods = ("gptq",)
 
     @hook
     def load_model(self, model_name_or_path: str, model_kwargs: dict[str, Any]) -> Any:

@@ -8,7 +8,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from accel import ConfigError
+from accel.api import ConfigError
 
 from .loading import check_bits, quant_method
 from .output import check_output_dir, staged
@@ -51,7 +51,7 @@ def _row_text(row: dict[str, Any]) -> str:
 
 
 def check_source(model_dir: str) -> None:
-    from accel.trainer.loading import check_model_source
+    from accel.api import check_model_source
 
     check_model_source(model_dir, "model_dir")
     method = quant_method(model_dir)

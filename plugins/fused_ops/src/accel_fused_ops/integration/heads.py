@@ -14,7 +14,7 @@ import inspect
 from collections.abc import Callable
 from typing import Any
 
-from accel import PatchError, PatchRule
+from accel.api import PatchError, PatchRule
 
 from ..support import CAUSAL_LM_HEADS, supported_types
 

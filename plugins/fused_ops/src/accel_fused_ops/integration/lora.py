@@ -23,8 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from accel import PatchError, PatchRule
-from accel.patching import bind
+from accel.api import PatchError, PatchRule, bind
 
 from ..kernels.dequant import frozen_weight, unsupported_reason
 from ..kernels.fused_lora import LoraProjection, fused_lora_multi

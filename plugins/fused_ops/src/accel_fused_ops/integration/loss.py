@@ -239,7 +239,7 @@ def install_fused_linear_loss(model: nn.Module, head_kind: str, settings: Any = 
     the model's forward (wrapper), the lm_head's forward (pass-through during a fused
     forward), the model's ``_loss_function`` and its :class:`LossMetrics` attribute.
     """
-    from accel.patching import set_attribute
+    from accel.api import set_attribute
 
     options = LossOptions.from_settings(settings)
     metrics = LossMetrics(options)
@@ -329,7 +329,7 @@ def install_fused_linear_loss(model: nn.Module, head_kind: str, settings: Any = 
 
 def install_cross_entropy_loss(model: nn.Module, settings: Any = None) -> Revert:
     """Set the model's ``_loss_function`` to the cross-entropy kernel version."""
-    from accel.patching import set_attribute
+    from accel.api import set_attribute
 
     options = LossOptions.from_settings(settings)
     metrics = LossMetrics(options)

@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from accel import PatchError, PatchRule
+from accel.api import PatchError, PatchRule
 
 from ..kernels.swiglu import gated_activation
 from ..support import MLP_CLASSES, supported_types

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from accel import PatchError, PatchRule
+from accel.api import PatchError, PatchRule
 
 from ..kernels.rms_norm import rms_norm
 from ..support import NORM_CLASSES, supported_types

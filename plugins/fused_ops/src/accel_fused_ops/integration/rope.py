@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from accel import PatchError, PatchRule
+from accel.api import PatchError, PatchRule
 
 from ..kernels.rope import apply_rotary_pos_emb as fused_apply_rotary_pos_emb
 from ..support import supported_types

@@ -20,36 +20,20 @@ Three parts, like the other kernel modules of accel:
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
 
-IMPLS = ("triton", "torch")
-
-
-def triton_interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+from accel.api import choose_impl as shared_choose_impl
+from accel.api import triton_interpreting
 
 
 def choose_impl(tensor: torch.Tensor) -> str:
     """``"triton"`` on CUDA tensors, ``"torch"`` elsewhere; ``ACCEL_KERNEL_IMPL`` forces one
     (``triton`` on CPU tensors only under the Triton interpreter)."""
-    forced = os.environ.get("ACCEL_KERNEL_IMPL", "").strip().lower()
-    if forced and forced not in IMPLS:
-        raise ValueError(f"ACCEL_KERNEL_IMPL={forced!r} is not valid; expected one of {IMPLS}")
-    if forced == "torch":
-        return "torch"
-    if forced == "triton":
-        if tensor.is_cuda or triton_interpreting():
-            return "triton"
-        raise RuntimeError(
-            "ACCEL_KERNEL_IMPL=triton was set for a CPU tensor; Triton runs on CPU only under "
-            "TRITON_INTERPRET=1 (set it before importing accel_moe)"
-        )
-    return "triton" if tensor.is_cuda else "torch"
+    return shared_choose_impl(tensor, "accel_moe")
 
 
 # --------------------------------------------------------------------------- routing

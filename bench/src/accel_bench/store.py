@@ -17,7 +17,8 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from ..errors import ConfigError
+from accel.errors import ConfigError
+
 from .outcome import COMPLETED, FAILED, INVALID
 from .scenario import PARAMETERS
 

@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..errors import ConfigError, did_you_mean
+from accel.errors import ConfigError, did_you_mean
 
 #: family -> (peft method, fixed parameters, plugin flags the family needs)
 FAMILIES: dict[str, dict[str, Any]] = {
@@ -98,20 +98,17 @@ PARAMETERS: dict[str, Any] = {
     "repeats": 5,  # finetune_full_stability: how many times the entity runs
     "memory_limit_mb": None,  # bench option: cap the run's memory growth (forces OOM on CPU)
 }
-#: the flags of acceleration plugins (passed through to the trainer as its own arguments)
-PLUGIN_FLAGS = (
-    "fast_moe",
-    "fast_kernels",
-    "fused_lora",
-    "padding_free",
-    "multipack",
-    "bnb_qlora",
-    "auto_gptq",
-    "odm",
-)
-#: the odm plugin's rewards that come from the training forward (validation_loss is left out:
-#: its evaluations would count in the measured train_runtime)
-ODM_REWARDS = ("train_loss", "entropy", "entropy3_varent1", "entropy_varentropy")
+
+
+def plugin_flags() -> tuple[str, ...]:
+    """The flags of acceleration plugins (passed through to the trainer as its own
+    arguments): what the installed plugins declare, plus the catalog's first-party flags (a
+    run that uses one of a plugin that is not installed is skipped with its install command)."""
+    from accel.registry import all_flag_names, discover_plugins
+
+    return tuple(all_flag_names(discover_plugins()))
+
+
 BACKENDS = ("DDP", "FSDP")
 
 
@@ -177,7 +174,7 @@ def entity_id(experiment: str, given: Mapping[str, Any]) -> str:
 
 def _check_values(where: str, given: Mapping[str, Any]) -> None:
     for key in given:
-        if key not in PARAMETERS:
+        if key not in PARAMETERS and key not in plugin_flags():
             raise ConfigError(
                 f"{where}: unknown parameter {key!r}.{did_you_mean(key, PARAMETERS)} "
                 "See docs/bench.md for the parameters."
@@ -226,9 +223,9 @@ def _check_values(where: str, given: Mapping[str, Any]) -> None:
 
         parse_dataset_id(given["dataset_id"])
     odm = given.get("odm")
-    if odm is not None and odm not in ODM_REWARDS:
+    if odm is not None and odm not in odm_rewards():
         raise ConfigError(
-            f"{where}: odm {odm!r} is not one of {', '.join(ODM_REWARDS)}, null (off)"
+            f"{where}: odm {odm!r} is not one of {', '.join(odm_rewards())}, null (off)"
         )
     if odm is not None:
         from .datasets import is_mixture
@@ -271,7 +268,7 @@ def default_gpu_model() -> str:
 
 
 def fill_defaults(experiment: str, given: Mapping[str, Any], gpu_model: str) -> dict[str, Any]:
-    values = {**PARAMETERS, **given}
+    values = {**dict.fromkeys(plugin_flags()), **PARAMETERS, **given}
     values.update(FAMILIES[experiment].get("fixed", {}))
     if "gpu_model" not in given:
         values["gpu_model"] = gpu_model
@@ -407,3 +404,13 @@ def load_scenarios(path: str | Path, gpu_model: str | None = None) -> list[Scena
     if raw is None:
         raise ConfigError(f"scenario file {path} is empty")
     return parse_scenarios(raw, str(path), gpu_model)
+
+
+def odm_rewards() -> list[str]:
+    """The odm plugin's rewards that read the training forward, from its records (the
+    validation rewards are left out: their evaluations would count in train_runtime)."""
+    try:
+        from accel_odm import records
+    except ImportError:
+        raise ConfigError("odm needs the odm plugin: pip install accel-odm") from None
+    return [*records.names("forward"), *records.ALIASES]

@@ -6,7 +6,7 @@
 sequences, or a larger preset (``base-*``: CPU benchmarks that take seconds per step,
 ``gpu-*``: hundreds of millions of parameters, for a GPU). Nothing is downloaded: weights are
 random (throughput and memory do not depend on them), the tokenizer is a word-level one over
-the generated datasets' vocabulary (:mod:`accel.bench.datasets`), so token counts are exact.
+the generated datasets' vocabulary (:mod:`accel_bench.datasets`), so token counts are exact.
 
 Each model is saved once under ``$ACCEL_CACHE/bench/models`` (atomically: built in a
 temporary folder, renamed into place). GPTQ experiments need a quantized checkpoint: it is
@@ -25,7 +25,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from ..errors import ConfigError
+from accel.errors import ConfigError
 
 MODELS_VERSION = "1"
 MAX_POSITIONS = 32768
@@ -108,7 +108,7 @@ def vocab_size() -> int:
 
 def preset_config(name: str) -> Any:
     """The transformers config of preset ``name``."""
-    from ..testing import SIZES, SPECIAL_IDS, tiny_config
+    from accel.testing import SIZES, SPECIAL_IDS, tiny_config
 
     model_type, size, overrides = PRESETS[name]
     settings = {
@@ -137,7 +137,7 @@ def check_model_name(name: str) -> None:
     """A preset or a local model folder; anything else is a scenario error."""
     if name in PRESETS or (Path(name) / "config.json").is_file():
         return
-    from ..errors import did_you_mean
+    from accel.errors import did_you_mean
 
     raise ConfigError(
         f"model_name {name!r} is neither a bench model nor a local model folder.{did_you_mean(name, PRESETS)} "
@@ -190,7 +190,7 @@ def num_experts(name: str) -> int | None:
     """The model's expert count (``num_local_experts``, or Qwen-MoE's ``num_experts``);
     None for a dense model. Read without building the model."""
     if name in PRESETS:  # from the tables, without importing transformers
-        from ..testing import ARCHITECTURES
+        from accel.testing import ARCHITECTURES
 
         model_type, _, overrides = PRESETS[name]
         cfg = {**ARCHITECTURES.get(model_type, {}), **overrides}

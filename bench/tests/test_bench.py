@@ -11,12 +11,12 @@ from pathlib import Path
 
 import pytest
 
-from accel.bench import datasets, models
-from accel.bench.compare import compare
-from accel.bench.executor import RUN_MARKER, fresh_run_dir, trainer_arguments
-from accel.bench.scenario import invalid_reasons, parse_scenarios
-from accel.bench.worker import auto_stop_due
 from accel.errors import ConfigError
+from accel_bench import datasets, models
+from accel_bench.compare import compare
+from accel_bench.executor import RUN_MARKER, fresh_run_dir, trainer_arguments
+from accel_bench.scenario import invalid_reasons, parse_scenarios
+from accel_bench.worker import auto_stop_due
 
 
 @pytest.fixture(autouse=True)
@@ -123,8 +123,8 @@ def test_mixture_data_config_with_and_without_odm(tmp_path: Path) -> None:
         "news-mix-2-entries-4", tmp_path / "run2" / "data_config.yaml", None, root=root
     )
     with_odm, without = read_data_config(str(on)), read_data_config(str(off))
-    assert with_odm.type == "odm" and dict(with_odm.odm) == {"reward_type": "train_loss"}
-    assert without.type == "default" and not without.odm
+    assert with_odm.type == "odm" and dict(with_odm.options) == {"reward_type": "train_loss"}
+    assert without.type == "default" and not without.options
     parts = datasets.mixture_paths("news-mix-2-entries-4", root=root)
     for config in (with_odm, without):  # the same files: the run without odm is the baseline
         assert [d.name for d in config.datasets] == ["part0", "part1"]
@@ -160,7 +160,7 @@ def test_odm_family_is_skipped_with_the_install_command_when_missing(
 ) -> None:
     from importlib import metadata
 
-    from accel.bench import runner
+    from accel_bench import runner
 
     (scenario,) = parse_scenarios(
         {
@@ -371,7 +371,7 @@ def test_a_run_folder_is_cleared_only_when_accel_bench_made_it(tmp_path: Path) -
 
 
 def test_out_of_memory_classification() -> None:
-    from accel.bench.outcome import is_out_of_memory, killed_by_oom_killer
+    from accel_bench.outcome import is_out_of_memory, killed_by_oom_killer
 
     assert is_out_of_memory("torch.OutOfMemoryError", "CUDA out of memory. Tried to allocate")
     assert is_out_of_memory("RuntimeError", "CUDA error: an illegal memory access was encountered")
@@ -392,7 +392,7 @@ def test_auto_stop_rule() -> None:
 
 
 def test_sampler_sees_memory_and_cpu_of_the_process_tree(tmp_path: Path) -> None:
-    from accel.bench.sampler import ResourceSampler
+    from accel_bench.sampler import ResourceSampler
 
     report = tmp_path / "cpu.txt"
     grandchild = (
@@ -454,7 +454,7 @@ def test_compare_flags_a_planted_regression() -> None:
 
 def _bench(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "accel.bench", *args],
+        [sys.executable, "-m", "accel_bench", *args],
         capture_output=True,
         text=True,
         timeout=120,

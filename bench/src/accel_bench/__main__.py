@@ -1,4 +1,4 @@
-"""``python -m accel.bench <scenario.yaml> --output <dir>``: the same as ``accel bench``."""
+"""``python -m accel_bench <scenario.yaml> --output <dir>``: the same as ``accel bench``."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """One bench run: an entity's trainer arguments, its own process, its outcome and properties.
 
-Every run is a fresh process (``python -m accel.bench.worker``; ``torchrun --nproc_per_node
+Every run is a fresh process (``python -m accel_bench.worker``; ``torchrun --nproc_per_node
 N`` for ``number_gpus`` N > 1, each rank with ``OMP_NUM_THREADS=1`` on a CPU machine), so
 its memory peak is its own and a crash cannot take the matrix down. The entity maps to the
 trainer's own arguments (fms-hf-tuning's names), as in the reference's command line::
@@ -11,8 +11,8 @@ trainer's own arguments (fms-hf-tuning's names), as in the reference's command l
     (transformers 5 spells the ratio ``warmup_steps 0.03``)
     --logging_steps 1 --save_strategy no --gradient_checkpointing ... --peft_method ...
 
-and the acceleration flags (``--fast_kernels``, ``--padding_free``, ``--multipack``,
-``--fast_moe``, ``--fused_lora``, ``--auto_gptq``, ``--bnb_qlora``) pass through unchanged.
+and every flag the installed plugins declare (``--fast_kernels``, ``--padding_free``,
+``--fast_moe``, ...; see :func:`.scenario.plugin_flags`) passes through unchanged.
 ``distributed_backend: FSDP`` shards with transformers' FSDP2 at load time (``fsdp_size``:
 it engages on CPU/gloo and on CUDA alike; accelerate's FSDP never engages on CPU), ``DDP``
 is accelerate's DDP.
@@ -100,23 +100,14 @@ def trainer_arguments(
         )
     if peft_method == "pt":
         args["num_virtual_tokens"] = int(v["num_virtual_tokens"])
-    for flag in (
-        "fast_kernels",
-        "fused_lora",
-        "padding_free",
-        "multipack",
-        "bnb_qlora",
-        "auto_gptq",
-    ):
-        if v.get(flag) not in (None, False, [], ""):
+    from .scenario import plugin_flags
+
+    for flag in plugin_flags():  # what the plugins declare, passed through as given
+        if v.get(flag) not in (None, False, 0, [], ""):
             args[flag] = _flag_values(v[flag])
-    if v.get("fast_moe"):
-        args["fast_moe"] = [int(v["fast_moe"])]
     if data_path.endswith((".yaml", ".yml")):  # a mixture: its data config, not one file
         del args["training_data_path"]
         args["data_config"] = data_path
-    if v.get("odm"):
-        args["odm"] = [str(v["odm"])]
     if processes > 1 and v.get("distributed_backend") == "FSDP" and not v.get("fast_moe"):
         args["fsdp_size"] = processes
     return args
@@ -134,10 +125,10 @@ def command(entity: Entity, run_file: Path, port: int) -> list[str]:
             "--master_port",
             str(port),
             "-m",
-            "accel.bench.worker",
+            "accel_bench.worker",
             str(run_file),
         ]
-    return [sys.executable, "-m", "accel.bench.worker", str(run_file)]
+    return [sys.executable, "-m", "accel_bench.worker", str(run_file)]
 
 
 def _environment(entity: Entity) -> dict[str, str]:
@@ -167,7 +158,7 @@ def fresh_run_dir(run_dir: Path) -> None:
     """Make ``run_dir`` empty for a new attempt, deleting only a folder accel bench made."""
     if run_dir.exists():
         if not (run_dir / RUN_MARKER).is_file():
-            from ..errors import ConfigError
+            from accel.errors import ConfigError
 
             raise ConfigError(
                 f"{run_dir} exists and was not written by accel bench; move it away or choose "

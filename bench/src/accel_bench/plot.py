@@ -9,7 +9,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from ..errors import ConfigError
+from accel.errors import ConfigError
+
 from .scenario import Scenario
 
 

@@ -13,17 +13,13 @@ import shlex
 import sys
 from typing import Any
 
+HELP = "run a fine-tuning experiment matrix from a scenario YAML (see docs/bench.md)"
 DESCRIPTION = (
     "run a fine-tuning experiment matrix (ado SFTTrainer experiments: finetune_full_benchmark, "
     "finetune_lora_benchmark, finetune_gptq-lora_benchmark, finetune_pt_benchmark, "
     "finetune_full_stability) from a scenario YAML; results are appended as each run ends "
     "(rerun to resume), with a markdown report and plots; --compare gates on regressions"
 )
-
-
-def add_parser(sub: Any, help_text: str) -> None:
-    parser = sub.add_parser("bench", help=help_text, description=DESCRIPTION)
-    add_arguments(parser)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -70,13 +66,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def run(args: argparse.Namespace) -> int:
+    return run_bench(args)
+
+
 def run_bench(args: argparse.Namespace, argv: list[str] | None = None) -> int:
-    from accel.bench.compare import compare
-    from accel.bench.models import num_experts
-    from accel.bench.runner import Matrix
-    from accel.bench.scenario import invalid_reasons, load_scenarios
-    from accel.bench.store import read_csv
     from accel.errors import ConfigError
+    from accel_bench.compare import compare
+    from accel_bench.models import num_experts
+    from accel_bench.runner import Matrix
+    from accel_bench.scenario import invalid_reasons, load_scenarios
+    from accel_bench.store import read_csv
 
     if not 0 <= args.tolerance < 10:
         raise ConfigError(f"--tolerance {args.tolerance} must be between 0 and 10 (0.10 = 10%)")

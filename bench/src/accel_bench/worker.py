@@ -1,6 +1,6 @@
-"""One bench run inside its own process: ``python -m accel.bench.worker <run.json>``.
+"""One bench run inside its own process: ``python -m accel_bench.worker <run.json>``.
 
-The parent (:mod:`accel.bench.executor`) writes the run's trainer arguments and bench
+The parent (:mod:`accel_bench.executor`) writes the run's trainer arguments and bench
 options; this process trains through ``accel.train`` (the project's trainer, unchanged) and
 writes ``result-rank<N>.json`` next to the run file: the trainer's metrics and summary on
 success, the exception's type and message on failure (then exits 1). Under torchrun every

@@ -21,7 +21,7 @@ from typing import Any
 
 from .executor import RunOutcome, execute, fresh_run_dir, trainer_arguments
 from .outcome import COMPLETED, FAILED, INVALID
-from .scenario import FAMILIES, PLUGIN_FLAGS, Entity, Scenario, invalid_reasons
+from .scenario import FAMILIES, Entity, Scenario, invalid_reasons, plugin_flags
 from .store import ResultsStore, write_atomic
 
 
@@ -38,10 +38,10 @@ class MatrixSummary:
 
 def missing_plugins(entity: Entity) -> list[str]:
     """Install commands of the plugin packages the entity's flags need and lack."""
-    from ..registry import catalog_for_flag, install_command
+    from accel.registry import catalog_for_flag, install_command
 
     missing = []
-    for flag in PLUGIN_FLAGS:
+    for flag in plugin_flags():
         if entity.values.get(flag) in (None, False, 0, [], ""):
             continue
         entry = catalog_for_flag(flag)

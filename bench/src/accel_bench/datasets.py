@@ -6,7 +6,7 @@ The ids follow ado's SFTTrainer actuator (``ado-sfttrainer-experiments.md``):
   prompt (ending in the response template ``\\n### Response:``), then ``N`` more characters
   ("samples of 512 + 127 (prompt) + 512 characters" for ``news-chars-512-entries-4096``);
 - ``news-tokens-<N>plus-entries-<M>``: M entries of at least ``N`` tokens each (counted with
-  the bench tokenizer, which every model of :mod:`accel.bench.models` uses);
+  the bench tokenizer, which every model of :mod:`accel_bench.models` uses);
 - ``news-longtail-<N>-entries-<M>`` (accel's addition, for padding-free and multipack): the two
   text parts are log-normally distributed in length up to ``N`` characters each, so a batch
   mixes a few long entries with many short ones, as real instruction data does;
@@ -38,7 +38,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..errors import ConfigError
+from accel.errors import ConfigError
 
 GENERATOR_VERSION = "1"
 RESPONSE_TEMPLATE = "\n### Response:"

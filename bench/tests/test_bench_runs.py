@@ -17,10 +17,10 @@ from pathlib import Path
 import psutil
 import pytest
 
-from accel.bench import datasets, models
-from accel.bench.outcome import COMPLETED, FAILED, INVALID
-from accel.bench.runner import Matrix
-from accel.bench.scenario import parse_scenarios
+from accel_bench import datasets, models
+from accel_bench.outcome import COMPLETED, FAILED, INVALID
+from accel_bench.runner import Matrix
+from accel_bench.scenario import parse_scenarios
 
 
 @pytest.fixture

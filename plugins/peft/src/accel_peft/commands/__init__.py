@@ -1,0 +1,1 @@
+"""The ``accel`` commands of accel-peft (entry-point group ``accel.commands``)."""
