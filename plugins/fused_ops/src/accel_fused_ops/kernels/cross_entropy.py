@@ -83,6 +83,7 @@ def _ce_rows_kernel(
     loss_ptr,
     z_ptr,
     correct_ptr,
+    predicted_ptr,
     weight_ptr,
     scale_ptr,
     scale_stride,
@@ -98,6 +99,9 @@ def _ce_rows_kernel(
     HAS_SMOOTHING: tl.constexpr,
     HAS_Z_LOSS: tl.constexpr,
     RETURN_CORRECT: tl.constexpr,
+    RETURN_PREDICTED: tl.constexpr,
+    ARGMAX: tl.constexpr,
+    TOKEN_SCALING: tl.constexpr,
     COMPUTE_GRAD: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
@@ -106,9 +110,12 @@ def _ce_rows_kernel(
     Row loss ``(1 - eps) w[y] (lse - z[y]) + eps / V * sum_j w[j] (lse - z[j])`` (``w = 1``
     without class weights) into ``loss_ptr``, ``s * lse^2`` into ``z_ptr`` (z-loss) and
     ``argmax(z) == y`` into ``correct_ptr``. The gradient is ``scale`` times the first plus
-    ``z_scale`` times the second. Everything is computed in fp32 whatever the logits' dtype;
-    the gradient is cast on store. ``grad_ptr`` may alias ``logits_ptr``: each element is
-    read before it is overwritten.
+    ``z_scale`` times the second. ``argmax(z)`` (first index of the maximum, -1 for an
+    ignored row) goes to ``predicted_ptr``; ``ARGMAX`` is set when either of the two needs it.
+    With ``TOKEN_SCALING`` both loss terms and their gradient are multiplied by ``p[y] =
+    softmax(z)[y]``, held constant (not differentiated). Everything is computed in fp32
+    whatever the logits' dtype; the gradient is cast on store. ``grad_ptr`` may alias
+    ``logits_ptr``: each element is read before it is overwritten.
     """
     row = tl.program_id(0).to(tl.int64)
     x_row = logits_ptr + row * logits_row_stride
@@ -138,7 +145,7 @@ def _ce_rows_kernel(
                 sum_wz += tl.sum(tl.where(mask, z, 0.0), axis=0)
         z = tl.where(mask, z, float("-inf"))
         block_max = tl.max(z, axis=0)
-        if RETURN_CORRECT:
+        if ARGMAX:
             # First index of the maximum, as torch.argmax returns.
             block_arg = tl.min(tl.where(z == block_max, cols, n_cols), axis=0)
             arg = tl.where(block_max > m, block_arg, arg)
@@ -156,24 +163,29 @@ def _ce_rows_kernel(
     if HAS_WEIGHT:
         w_label = tl.load(weight_ptr + label, mask=take, other=0.0).to(tl.float32)
     keep = 1.0 - label_smoothing
+    # p[y], the token-scaling factor (finite for every row: z_label is 0 where not taken)
+    p_label = tl.exp(z_label - lse) if TOKEN_SCALING else 1.0
     loss = keep * w_label * (lse - z_label)
     if HAS_SMOOTHING:
         loss += label_smoothing / n_cols * (sum_w * lse - sum_wz)
-    loss = tl.where(ignored, 0.0, tl.where(in_range, loss, float("nan")))
+    loss = tl.where(ignored, 0.0, tl.where(in_range, loss * p_label, float("nan")))
     tl.store(loss_ptr + row, loss)
     if HAS_Z_LOSS:
-        zl = tl.where(ignored, 0.0, tl.where(in_range, lse_square_scale * lse * lse, float("nan")))
+        zl = lse_square_scale * lse * lse * p_label
+        zl = tl.where(ignored, 0.0, tl.where(in_range, zl, float("nan")))
         tl.store(z_ptr + row, zl)
     if RETURN_CORRECT:
         tl.store(correct_ptr + row, (take & (arg == label)).to(tl.int8))
+    if RETURN_PREDICTED:
+        tl.store(predicted_ptr + row, tl.where(ignored, -1, arg).to(tl.int64))
 
     if COMPUTE_GRAD:
         # Pass 2: c * softmax - g (1-eps) w_y onehot - g eps/V w, times d softcap, in the
         # gradient's dtype, with c = g ((1-eps) w_y + eps/V sum_w) + 2 g_z s lse.
-        g_ce = tl.load(scale_ptr + row * scale_stride).to(tl.float32)
+        g_ce = tl.load(scale_ptr + row * scale_stride).to(tl.float32) * p_label
         coef = g_ce * (keep * w_label + label_smoothing / n_cols * sum_w)
         if HAS_Z_LOSS:
-            g_z = tl.load(z_scale_ptr + row * z_scale_stride).to(tl.float32)
+            g_z = tl.load(z_scale_ptr + row * z_scale_stride).to(tl.float32) * p_label
             coef += 2.0 * lse_square_scale * g_z * lse
         g_row = grad_ptr + row * grad_row_stride
         for start in range(0, n_cols, BLOCK):
@@ -209,6 +221,9 @@ class RowLosses(NamedTuple):
     z_loss: torch.Tensor | None = None
     #: ``argmax(logits) == label`` per row (bool), when asked for (``want_correct``)
     correct: torch.Tensor | None = None
+    #: ``argmax(logits)`` per row (int64, -1 for ignored rows), when asked for
+    #: (``want_predicted``)
+    predicted: torch.Tensor | None = None
 
 
 @dataclass(frozen=True)
@@ -221,6 +236,9 @@ class RowOptions:
     lse_square_scale: float = 0.0
     want_z: bool = False
     want_correct: bool = False
+    want_predicted: bool = False
+    #: scale each row's loss terms and gradient by the label's probability (held constant)
+    token_scaling: bool = False
 
 
 def _scale_arg(scale: torch.Tensor | None, device: torch.device, fallback: torch.Tensor):
@@ -245,6 +263,8 @@ def _ce_rows_triton(
     z_grad_scale: torch.Tensor | None = None,
     want_z: bool = False,
     want_correct: bool = False,
+    want_predicted: bool = False,
+    token_scaling: bool = False,
 ) -> RowLosses:
     n_rows, n_cols = logits.shape
     device = logits.device
@@ -252,8 +272,9 @@ def _ce_rows_triton(
     has_z = lse_square_scale != 0.0
     z_rows = torch.empty_like(loss) if has_z else None
     correct = torch.empty(n_rows, dtype=torch.int8, device=device) if want_correct else None
+    predicted = torch.empty(n_rows, dtype=torch.int64, device=device) if want_predicted else None
     if n_rows == 0:
-        return _row_losses(loss, z_rows, correct, want_z)
+        return _row_losses(loss, z_rows, correct, want_z, predicted)
     block = block_size or min(triton.next_power_of_2(n_cols), _MAX_BLOCK)
     compute_grad = grad_out is not None
     scale, scale_stride = _scale_arg(grad_scale if compute_grad else None, device, loss)
@@ -272,6 +293,7 @@ def _ce_rows_triton(
         loss,
         z_rows if has_z else loss,
         correct if want_correct else loss,
+        predicted if want_predicted else loss,
         w,
         scale,
         scale_stride,
@@ -287,6 +309,9 @@ def _ce_rows_triton(
         HAS_SMOOTHING=label_smoothing != 0.0,
         HAS_Z_LOSS=has_z,
         RETURN_CORRECT=want_correct,
+        RETURN_PREDICTED=want_predicted,
+        ARGMAX=want_correct or want_predicted,
+        TOKEN_SCALING=token_scaling,
         COMPUTE_GRAD=compute_grad,
         BLOCK=block,
         num_warps=8 if block >= 2048 else 4,
@@ -295,13 +320,13 @@ def _ce_rows_triton(
         # The kernel wrote through a raw pointer; tell autograd so misuse of an aliased
         # buffer is reported instead of silently reading gradients as logits.
         torch.autograd.graph.increment_version(grad_out)
-    return _row_losses(loss, z_rows, correct, want_z)
+    return _row_losses(loss, z_rows, correct, want_z, predicted)
 
 
-def _row_losses(loss, z_rows, correct, want_z) -> RowLosses:
+def _row_losses(loss, z_rows, correct, want_z, predicted=None) -> RowLosses:
     if want_z and z_rows is None:
         z_rows = torch.zeros_like(loss)
-    return RowLosses(loss, z_rows, correct.bool() if correct is not None else None)
+    return RowLosses(loss, z_rows, correct.bool() if correct is not None else None, predicted)
 
 
 # --------------------------------------------------------------------------------------------
@@ -324,6 +349,8 @@ def _ce_rows_torch(
     z_grad_scale: torch.Tensor | None = None,
     want_z: bool = False,
     want_correct: bool = False,
+    want_predicted: bool = False,
+    token_scaling: bool = False,
     class_dim: int = 1,
 ) -> RowLosses:
     """Row chunks, each in as few passes over the ``(rows, V)`` block as the options allow.
@@ -343,6 +370,7 @@ def _ce_rows_torch(
     has_z = lse_square_scale != 0.0
     z_rows = torch.empty_like(loss) if has_z else None
     correct = torch.empty(n_rows, dtype=torch.bool, device=device) if want_correct else None
+    predicted = torch.empty(n_rows, dtype=torch.int64, device=device) if want_predicted else None
     eps = float(label_smoothing)
     w = weight.to(device=device, dtype=cdt) if weight is not None else None
     w_sum = w.sum() if w is not None else float(n_cols)
@@ -376,8 +404,12 @@ def _ce_rows_torch(
                 sum_wz = z.sum(cd)
             else:
                 sum_wz = z @ w if cd == 1 else w @ z
-        if correct is not None:
-            correct[start:end] = take & (z.argmax(cd) == lab)
+        if correct is not None or predicted is not None:
+            arg = z.argmax(cd)  # first index of the maximum
+            if correct is not None:
+                correct[start:end] = take & (arg == lab)
+            if predicted is not None:
+                predicted[start:end] = torch.where(ignored, -1, arg)
         if direct:
             buf = part(grad_out, start, end)
         else:
@@ -393,22 +425,32 @@ def _ce_rows_torch(
         row = (1.0 - eps) * w_label * (lse - z_label)
         if eps:
             row = row + eps / n_cols * (w_sum * lse - sum_wz)
+        # p[y], the token-scaling factor (finite on every row: the gather used a safe index)
+        p_label = torch.exp(z_label - lse) if token_scaling else None
+        if p_label is not None:
+            row = row * p_label
         nan = torch.full_like(row, float("nan"))
         zero = torch.zeros_like(row)
         loss[start:end] = torch.where(ignored, zero, torch.where(in_range, row, nan))
         if has_z:
             zl = lse_square_scale * lse * lse
+            if p_label is not None:
+                zl = zl * p_label
             z_rows[start:end] = torch.where(ignored, zero, torch.where(in_range, zl, nan))
         if grad_out is None:
             continue
         g_ce = grad_scale[start:end] if grad_scale.dim() == 1 else grad_scale.expand(end - start)
         # Ignored rows: exact zeros even for an inf scale; out-of-range labels: NaN rows.
         g_ce = torch.where(ignored, zero, torch.where(in_range, g_ce.to(cdt), nan))
+        if p_label is not None:
+            g_ce = g_ce * p_label
         coef = g_ce * ((1.0 - eps) * w_label + eps / n_cols * w_sum)
         if has_z:
             zs = z_grad_scale if z_grad_scale is not None else grad_scale
             g_z = zs[start:end] if zs.dim() == 1 else zs.expand(end - start)
             g_z = torch.where(ignored, zero, g_z.to(cdt))
+            if p_label is not None:
+                g_z = g_z * p_label
             coef = coef + 2.0 * lse_square_scale * g_z * lse
         buf.mul_((coef / s).unsqueeze(cd))  # coef * softmax
         if eps:
@@ -421,7 +463,7 @@ def _ce_rows_torch(
             buf.mul_(t.square_().neg_().add_(1.0))  # d softcap(x) / dx = 1 - tanh^2
         if not direct:
             part(grad_out, start, end).copy_(buf)
-    return _row_losses(loss, z_rows, correct, want_z)
+    return _row_losses(loss, z_rows, correct, want_z, predicted)
 
 
 def check_label_range(labels: torch.Tensor, n_classes: int, ignore_index: int) -> None:
@@ -457,6 +499,8 @@ def cross_entropy_rows(
     z_grad_scale: torch.Tensor | None = None,
     want_z: bool = False,
     want_correct: bool = False,
+    want_predicted: bool = False,
+    token_scaling: bool = False,
     class_dim: int = 1,
 ) -> RowLosses:
     """Per-row loss terms, and optionally their gradient, with no autograd involved.
@@ -465,7 +509,8 @@ def cross_entropy_rows(
     buffer, last dim contiguous, possibly ``logits`` itself) is given, writes
     ``grad_scale[i] * d loss_i / d logits[i] + z_grad_scale[i] * d z_loss_i / d logits[i]``
     into it in its dtype; the scales are 0-dim or ``(N,)`` tensors (``z_grad_scale`` defaults
-    to ``grad_scale``). ``impl`` is ``"triton"`` or ``"torch"``; ``class_dim=0`` (torch only)
+    to ``grad_scale``). ``token_scaling`` multiplies row ``i``'s loss terms and gradient by
+    ``softmax(logits[i])[label_i]``, held constant. ``impl`` is ``"triton"`` or ``"torch"``; ``class_dim=0`` (torch only)
     takes ``(V, N)`` logits and gradient instead.
     """
     if grad_out is not None and grad_scale is None:
@@ -477,6 +522,8 @@ def cross_entropy_rows(
         "z_grad_scale": z_grad_scale,
         "want_z": want_z,
         "want_correct": want_correct,
+        "want_predicted": want_predicted,
+        "token_scaling": token_scaling,
     }
     if class_dim != 1:
         if impl != "torch" or class_dim != 0:
@@ -600,6 +647,8 @@ class LossOutput(NamedTuple):
     z_loss: torch.Tensor | None
     #: fraction of non-ignored tokens whose argmax is the label, detached
     token_accuracy: torch.Tensor | None
+    #: ``(N,)`` int64 argmax of each row's logits, -1 for ignored rows
+    predicted_tokens: torch.Tensor | None = None
 
 
 def reduce_rows(
@@ -661,18 +710,19 @@ class _CrossEntropyFunction(torch.autograd.Function):
             lse_square_scale=ro.lse_square_scale,
             want_z=ro.want_z,
             want_correct=ro.want_correct,
+            want_predicted=ro.want_predicted,
         )
         loss, z, acc = reduce_rows(rows, labels, scale, z_scale, opts.reduction, ro.ignore_index)
         ctx.per_row = per_row
         ctx.consumed = False
         ctx.save_for_backward(grad)
-        extras = [t for t in (z, acc) if t is not None]
+        extras = [t for t in (z, acc, rows.predicted) if t is not None]
         if extras:
             ctx.mark_non_differentiable(*extras)
-        return loss, z, acc
+        return loss, z, acc, rows.predicted
 
     @staticmethod
-    def backward(ctx, grad_loss, _grad_z, _grad_acc):  # type: ignore[override]
+    def backward(ctx, grad_loss, _grad_z, _grad_acc, _grad_predicted):  # type: ignore[override]
         if ctx.consumed:
             raise RuntimeError(
                 "cross_entropy's backward scales its stored gradient in place and can run "
@@ -710,6 +760,7 @@ def cross_entropy(
     lse_square_scale: float = 0.0,
     return_z_loss: bool = False,
     return_token_accuracy: bool = False,
+    return_predicted_tokens: bool = False,
     inplace_backward: bool = False,
 ) -> torch.Tensor | LossOutput:
     """``F.cross_entropy(logits.float(), labels)`` without the fp32 copies of the logits.
@@ -731,6 +782,10 @@ def cross_entropy(
         return_z_loss, return_token_accuracy: return a :class:`LossOutput` with the z-loss
             term and/or the fraction of non-ignored rows whose argmax is the label, both
             computed in the same pass and detached, for logging.
+        return_predicted_tokens: return a :class:`LossOutput` whose ``predicted_tokens`` is
+            the ``(N,)`` int64 argmax of each row (of the soft-capped scores with
+            ``softcap``; ties to the first index, as ``torch.argmax``), -1 for
+            ``ignore_index`` rows, found in the loss's own pass over the vocabulary.
         inplace_backward: write the gradient into ``logits``' own storage during forward,
             saving one ``(N, V)`` buffer. Only when nothing reads ``logits`` afterwards: not
             returned to the caller, not saved by another autograd node (the output of a plain
@@ -739,7 +794,8 @@ def cross_entropy(
 
     Returns:
         The fp32 loss (0-dim, or ``(N,)`` for ``"none"``), like transformers' upcast loss, or
-        a :class:`LossOutput` when ``return_z_loss`` or ``return_token_accuracy`` is set.
+        a :class:`LossOutput` when ``return_z_loss``, ``return_token_accuracy`` or
+        ``return_predicted_tokens`` is set.
 
     Backward scales the stored gradient in place, so it can run only once per forward.
     Out-of-range labels raise ``ValueError`` on both paths (NaN rows under
@@ -784,9 +840,12 @@ def cross_entropy(
         float(lse_square_scale),
         want_z=bool(return_z_loss),
         want_correct=bool(return_token_accuracy),
+        want_predicted=bool(return_predicted_tokens),
     )
     opts = _Options(impl, rows, reduction, bool(inplace_backward))
-    loss, z, acc = _CrossEntropyFunction.apply(logits, labels, scale, z_scale, weight, opts)
-    if return_z_loss or return_token_accuracy:
-        return LossOutput(loss, z, acc)
+    loss, z, acc, predicted = _CrossEntropyFunction.apply(
+        logits, labels, scale, z_scale, weight, opts
+    )
+    if return_z_loss or return_token_accuracy or return_predicted_tokens:
+        return LossOutput(loss, z, acc, predicted)
     return loss

@@ -284,15 +284,28 @@ def _valid_rows(labels: torch.Tensor, ignore_index: int) -> tuple[int, torch.Ten
     return n_valid, None if n_valid == n else valid.nonzero().squeeze(1)
 
 
-def _row_buffers(hidden: torch.Tensor, ro: RowOptions):
-    """Zeroed per-row loss, z-loss (when asked for) and correctness (when asked for)."""
+def _row_buffers(hidden: torch.Tensor, ro: RowOptions) -> RowLosses:
+    """Per-row loss, z-loss and correctness (zeroed) and predicted tokens (-1), the last three
+    when asked for: the values of rows that are skipped (ignored labels)."""
     n = hidden.shape[0]
+    device = hidden.device
     loss_rows = torch.zeros(
-        n, dtype=torch.promote_types(hidden.dtype, torch.float32), device=hidden.device
+        n, dtype=torch.promote_types(hidden.dtype, torch.float32), device=device
     )
     z_rows = torch.zeros_like(loss_rows) if ro.lse_square_scale != 0.0 or ro.want_z else None
-    correct = torch.zeros(n, dtype=torch.bool, device=hidden.device) if ro.want_correct else None
-    return loss_rows, z_rows, correct
+    correct = torch.zeros(n, dtype=torch.bool, device=device) if ro.want_correct else None
+    predicted = None
+    if ro.want_predicted:
+        predicted = torch.full((n,), -1, dtype=torch.int64, device=device)
+    return RowLosses(loss_rows, z_rows, correct, predicted)
+
+
+def _store_rows(out: RowLosses, idx, part: RowLosses) -> None:
+    """Copy one chunk's per-row results into the full-size buffers at ``idx``."""
+    out.loss[idx] = part.loss
+    for full, chunk in zip(out[1:], part[1:], strict=True):
+        if full is not None:
+            full[idx] = chunk
 
 
 def _rows_of(scale: torch.Tensor | None, idx) -> torch.Tensor | None:
@@ -317,7 +330,7 @@ def _chunked_pass(
     ro = opts.rows
     need_grad = grad_scale is not None
     n_valid, rows = _valid_rows(labels, ro.ignore_index)
-    loss_rows, z_rows, correct = _row_buffers(hidden, ro)
+    results = _row_buffers(hidden, ro)
     grad_hidden = None
     if need_grad and need_hidden:
         grad_hidden = torch.empty_like(hidden) if rows is None else torch.zeros_like(hidden)
@@ -345,15 +358,13 @@ def _chunked_pass(
             label_smoothing=ro.label_smoothing,
             lse_square_scale=ro.lse_square_scale,
             z_grad_scale=z_scale,
-            want_z=z_rows is not None,
+            want_z=results.z_loss is not None,
             want_correct=ro.want_correct,
+            want_predicted=ro.want_predicted,
+            token_scaling=ro.token_scaling,
             class_dim=getattr(proj, "class_dim", 1),
         )
-        loss_rows[idx] = part.loss
-        if z_rows is not None:
-            z_rows[idx] = part.z_loss
-        if correct is not None:
-            correct[idx] = part.correct
+        _store_rows(results, idx, part)
         if need_grad:
             out = grad_hidden[start:end] if direct else None
             gh = proj.backprop(handle, grad_logits, need_hidden, out=out)
@@ -361,7 +372,7 @@ def _chunked_pass(
                 grad_hidden[idx] = gh.to(grad_hidden.dtype)
         del logits, grad_logits, handle
     proj.release()
-    return RowLosses(loss_rows, z_rows, correct), grad_hidden
+    return results, grad_hidden
 
 
 def _online_pass(
@@ -381,7 +392,7 @@ def _online_pass(
     ro = opts.rows
     rows_per_pass, block = opts.online
     n_valid, rows = _valid_rows(labels, ro.ignore_index)
-    loss_rows, z_rows, correct = _row_buffers(hidden, ro)
+    results = _row_buffers(hidden, ro)
     need_grad = grad_scale is not None
     grad_hidden = None
     if need_grad:
@@ -410,14 +421,10 @@ def _online_pass(
             class_weight_rows=class_rows,
             workspace=workspace,
         )
-        loss_rows[idx] = part.loss
-        if z_rows is not None:
-            z_rows[idx] = part.z_loss
-        if correct is not None:
-            correct[idx] = part.correct
+        _store_rows(results, idx, part)
         if gh is not None:
             grad_hidden[idx] = gh.to(grad_hidden.dtype)
-    return RowLosses(loss_rows, z_rows, correct), grad_hidden
+    return results, grad_hidden
 
 
 def _check_first_backward(ctx) -> None:
@@ -440,10 +447,10 @@ def _scale(grads: Sequence[torch.Tensor | None], grad_loss: torch.Tensor) -> Non
 def _outputs(ctx, rows: RowLosses, labels, scale, z_scale, opts: _Options):
     loss, z, acc = reduce_rows(rows, labels, scale, z_scale, opts.reduction, opts.rows.ignore_index)
     z = z if opts.rows.want_z else None
-    extras = [t for t in (z, acc) if t is not None]
+    extras = [t for t in (z, acc, rows.predicted) if t is not None]
     if extras:
         ctx.mark_non_differentiable(*extras)
-    return loss, z, acc
+    return loss, z, acc, rows.predicted
 
 
 # --------------------------------------------------------------------------------------------
@@ -507,7 +514,7 @@ class _LinearCEFunction(torch.autograd.Function):
         return _outputs(ctx, rows, labels, scale, z_scale, opts)
 
     @staticmethod
-    def backward(ctx, grad_loss, _grad_z, _grad_acc):  # type: ignore[override]
+    def backward(ctx, grad_loss, _grad_z, _grad_acc, _grad_predicted):  # type: ignore[override]
         nones = (None,) * 6
         if not ctx.per_row:
             _check_first_backward(ctx)
@@ -607,7 +614,7 @@ class _ModuleCEFunction(torch.autograd.Function):
         return _outputs(ctx, rows, labels, scale, z_scale, opts)
 
     @staticmethod
-    def backward(ctx, grad_loss, _grad_z, _grad_acc):  # type: ignore[override]
+    def backward(ctx, grad_loss, _grad_z, _grad_acc, _grad_predicted):  # type: ignore[override]
         nones = (None,) * 6
         if not ctx.per_row:
             _check_first_backward(ctx)
@@ -718,10 +725,9 @@ def _loss_setup(
     return labels, weight, scale, z_scale
 
 
-def _result(loss, z, acc, return_z_loss: bool, return_token_accuracy: bool):
-    if return_z_loss or return_token_accuracy:
-        return LossOutput(loss, z, acc)
-    return loss
+def _result(outputs, *wanted: bool):
+    """The loss alone, or a :class:`LossOutput` when any of its companions was asked for."""
+    return LossOutput(*outputs) if any(wanted) else outputs[0]
 
 
 def fused_linear_cross_entropy(
@@ -739,6 +745,8 @@ def fused_linear_cross_entropy(
     lse_square_scale: float = 0.0,
     return_z_loss: bool = False,
     return_token_accuracy: bool = False,
+    return_predicted_tokens: bool = False,
+    use_token_scaling: bool = False,
     accum_dtype: torch.dtype | None = None,
     chunk_size: int | None = None,
     memory_budget: int | None = None,
@@ -754,8 +762,15 @@ def fused_linear_cross_entropy(
         labels: ``(N,)`` target ids; ``ignore_index`` rows cost no compute.
         bias: optional ``(V,)`` bias.
         reduction, num_items_in_batch, softcap, ignore_index, label_smoothing,
-            lse_square_scale, return_z_loss, return_token_accuracy: as in
-            :func:`accel_fused_ops.kernels.cross_entropy.cross_entropy`.
+            lse_square_scale, return_z_loss, return_token_accuracy, return_predicted_tokens:
+            as in :func:`accel_fused_ops.kernels.cross_entropy.cross_entropy` (the argmax per
+            row is found in the vocabulary pass that computes the loss; no ``(N, V)``
+            logits are built for it).
+        use_token_scaling: multiply each token's loss (z-loss included) by the model's
+            probability of its label, ``softmax(logits)[label]``, held constant: it scales
+            the token's gradient but is not differentiated. The normaliser is unchanged
+            (``"mean"`` still divides by the number of label tokens). Liger-Kernel's option of
+            the same name.
         class_weight: ``(V,)`` class weights (``cross_entropy``'s ``weight``).
         accum_dtype: dtype the weight gradient is summed in over chunks (default: the
             logits' dtype); ``torch.float32`` for a bf16/fp16 head rounds once instead of once
@@ -813,6 +828,8 @@ def fused_linear_cross_entropy(
         float(lse_square_scale),
         want_z=bool(return_z_loss),
         want_correct=bool(return_token_accuracy),
+        want_predicted=bool(return_predicted_tokens),
+        token_scaling=bool(use_token_scaling),
     )
     size = _resolve_chunk_size(chunk_size, memory_budget, vocab, hidden, compute_dtype)
     online = None
@@ -822,7 +839,7 @@ def fused_linear_cross_entropy(
             hidden.shape[0], vocab, chunk_size, memory_budget, logit_bytes(compute_dtype)
         )
     opts = _Options(impl, rows, reduction, size, online)
-    loss, z, acc = _LinearCEFunction.apply(
+    outputs = _LinearCEFunction.apply(
         hidden,
         weight,
         bias,
@@ -833,7 +850,7 @@ def fused_linear_cross_entropy(
         opts,
         (compute_dtype, accum_dtype),
     )
-    return _result(loss, z, acc, return_z_loss, return_token_accuracy)
+    return _result(outputs, return_z_loss, return_token_accuracy, return_predicted_tokens)
 
 
 def _vocab_size_of(projection: Callable, hidden: torch.Tensor) -> int:
@@ -860,6 +877,8 @@ def fused_linear_cross_entropy_module(
     lse_square_scale: float = 0.0,
     return_z_loss: bool = False,
     return_token_accuracy: bool = False,
+    return_predicted_tokens: bool = False,
+    use_token_scaling: bool = False,
     chunk_size: int | None = None,
     memory_budget: int | None = None,
 ) -> torch.Tensor | LossOutput:
@@ -916,13 +935,15 @@ def fused_linear_cross_entropy_module(
         float(lse_square_scale),
         want_z=bool(return_z_loss),
         want_correct=bool(return_token_accuracy),
+        want_predicted=bool(return_predicted_tokens),
+        token_scaling=bool(use_token_scaling),
     )
     dtype = hidden.dtype
     if torch.is_autocast_enabled(hidden.device.type):
         dtype = torch.get_autocast_dtype(hidden.device.type)
     size = _resolve_chunk_size(chunk_size, memory_budget, vocab_size, hidden, dtype)
     opts = _Options(impl, rows, reduction, size)
-    loss, z, acc = _ModuleCEFunction.apply(
+    outputs = _ModuleCEFunction.apply(
         hidden, labels, scale, z_scale, class_weight, opts, projection, *params
     )
-    return _result(loss, z, acc, return_z_loss, return_token_accuracy)
+    return _result(outputs, return_z_loss, return_token_accuracy, return_predicted_tokens)

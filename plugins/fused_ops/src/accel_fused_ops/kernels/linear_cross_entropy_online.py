@@ -142,6 +142,9 @@ def online_rows(
     unfused backward); maxima, sums and the accumulator are fp32 or wider.
     ``class_weight_rows`` is ``sum_j c_j W_j`` (:func:`weighted_row_sum`), needed with label
     smoothing; ``workspace`` holds at least ``rows x block`` logits, reused across calls.
+    The argmax of a row (``opts.want_correct`` / ``want_predicted``) is the running maximum of
+    the blocks with its index, ties to the first; ``opts.token_scaling`` multiplies the row's
+    loss terms and gradient coefficients by ``exp(z[y] - lse)``, known once the pass is over.
     """
     work = work_dtype(compute_dtype)
     rows, vocab = hidden.shape[0], weight.shape[0]
@@ -162,8 +165,9 @@ def online_rows(
     if acc is not None and workspace.product is not None:
         product = workspace.product[: acc.numel()].view_as(acc)
     wz = torch.zeros(rows, dtype=work, device=dev) if eps else None  # sum_j c_j z_j
-    best = torch.full_like(m, float("-inf")) if opts.want_correct else None
-    best_at = torch.zeros(rows, dtype=torch.long, device=dev) if opts.want_correct else None
+    want_arg = opts.want_correct or opts.want_predicted
+    best = torch.full_like(m, float("-inf")) if want_arg else None
+    best_at = torch.zeros(rows, dtype=torch.long, device=dev) if want_arg else None
     for v0 in range(0, vocab, block):
         wb = weight[v0 : v0 + block].to(compute_dtype)
         width = wb.shape[0]
@@ -216,17 +220,28 @@ def online_rows(
         c_sum = float(vocab) if class_weight is None else class_weight.to(stat).sum()
         loss = loss + eps / vocab * (c_sum * lse - wz.to(stat))
     z_loss = s_z * lse * lse if has_z else None
-    correct = best_at == labels if best_at is not None else None
-    result = RowLosses(loss, z_loss, correct)
+    p_label = torch.exp(z_label - lse) if opts.token_scaling else None  # held constant
+    if p_label is not None:
+        loss = loss * p_label
+        z_loss = z_loss * p_label if z_loss is not None else None
+    correct = best_at == labels if opts.want_correct else None
+    predicted = None
+    if opts.want_predicted:
+        predicted = torch.where(labels == opts.ignore_index, -1, best_at)
+    result = RowLosses(loss, z_loss, correct, predicted)
     if not need_grad:
         return result, None
     g = grad_scale.to(dev, stat)
+    g_z = z_grad_scale.to(dev, stat) if s_z != 0.0 else None
+    if p_label is not None:
+        g = g * p_label
+        g_z = g_z * p_label if g_z is not None else None
     coef = (1.0 - eps) * c_y
     if eps:
         coef = coef + eps * c_sum / vocab
     coef = g * coef
-    if s_z != 0.0:
-        coef = coef + z_grad_scale.to(dev, stat) * (2.0 * s_z) * lse
+    if g_z is not None:
+        coef = coef + g_z * (2.0 * s_z) * lse
     grad = acc.mul_((coef / total).unsqueeze(1).to(work))
     # In place, so the gradient needs no (rows, H) temporaries beyond the label rows.
     label_rows = weight[labels].to(compute_dtype).to(work)

@@ -19,9 +19,27 @@ so it is off by default.
 The autograd Function's backward is written by hand, so only ``x`` and the per-row ``rstd``
 are kept for backward instead of the fp32 intermediates autograd would save. Which module
 computes which mode is model glue: ``accel_fused_ops.integration.norms``.
+
+The Triton path has two shapes of kernel, chosen per pass by :func:`_launch_config`:
+
+* **row in registers** (rows up to :data:`_FWD_MAX_COLS` columns forward and
+  :data:`_BWD_MAX_COLS` backward, by element size): one program holds whole rows, reads each
+  input once, and backward keeps one fp32 weight-gradient partial per program;
+* **column-looped** (wider rows, any width): programs walk the row in ``BLOCK_D``-column
+  chunks. Forward makes two passes over the row (the sum of squares, then the scaled store;
+  the second read mostly hits L2). Backward first reduces ``mean(g * normed)`` per row, then a
+  2-D grid of (row group, column block) programs writes ``dx`` and a weight-gradient partial
+  per row group, so no program ever holds a whole row.
+
+Every launch holds ptxas to the registers that let two blocks share an SM
+(``Launch.maxnreg``); the limits are the widest rows whose kernels compile without spills
+under that cap for sm_80 and sm_90 (``benchmarks/gpu/compile_check.py`` checks both). Any
+width works: there is no largest row.
 """
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import torch
 import triton
@@ -31,14 +49,69 @@ from accel_fused_ops.dispatch import as_rows, pick_impl
 
 CASTINGS = ("llama", "gemma", "none")
 _CASTING_IDS = {name: i for i, name in enumerate(CASTINGS)}
-# Largest normalised dimension one program holds in registers.
-_MAX_BLOCK_D = 65536
-# Elements per program tile: several short rows share a program, long rows get one each.
+# Widest row one program holds in registers, per pass and by bytes per element of the inputs
+# (x; backward: the wider of x and dy); wider rows take the column-looped kernels. These are
+# the widths whose kernels compile without spills under the two-blocks-per-SM register cap
+# (Launch.maxnreg) for sm_80 and sm_90: forward keeps a row of x live; backward x, dy and the
+# fp32 weight-gradient partial.
+_FWD_MAX_COLS = {2: 16384, 4: 8192}
+_BWD_MAX_COLS = {2: 8192, 4: 4096}
+# Row-in-registers tiles: several short rows share a program, long rows get one each.
 _TILE_ELEMS = 4096
 _MAX_ROWS_PER_TILE = 16
+# Column-looped tiles: BLOCK_M rows x BLOCK_D columns per step.
+_WIDE_BLOCK_M = 4
+_WIDE_BLOCK_D = 1024
+_WIDE_WARPS = 4
+# Every NVIDIA GPU since Volta: 64K registers per SM, at most 255 per thread.
+_REGISTERS_PER_SM = 65536
+_MAX_REGISTERS = 255
+
+
+class Launch(NamedTuple):
+    """How one pass of the op is launched for rows of a given width."""
+
+    wide: bool  # column-looped kernels (rows wider than the register limit)
+    block_m: int  # rows per program tile
+    block_d: int  # columns per tile: the whole row (padded to a power of 2) unless wide
+    num_warps: int
+
+    @property
+    def maxnreg(self) -> int:
+        """Registers per thread that let two blocks share an SM's 64K registers: ptxas is
+        held to it, so every launch keeps at least 2 blocks per SM (the compile check
+        verifies that nothing spills under the cap)."""
+        return min(_MAX_REGISTERS, _REGISTERS_PER_SM // (2 * 32 * self.num_warps))
+
+
+def _launch_config(n_cols: int, *, backward: bool = False, itemsize: int = 2) -> Launch:
+    """The launch of the forward (or backward) kernels for rows of ``n_cols`` elements whose
+    inputs (x; backward: the wider of x and dy) take ``itemsize`` bytes per element. The op
+    launches with it, and the compile check measures registers and spills with it."""
+    limit = (_BWD_MAX_COLS if backward else _FWD_MAX_COLS)[2 if itemsize <= 2 else 4]
+    if n_cols > limit:
+        return Launch(True, _WIDE_BLOCK_M, _WIDE_BLOCK_D, _WIDE_WARPS)
+    block_d = triton.next_power_of_2(n_cols)
+    block_m = max(1, min(_MAX_ROWS_PER_TILE, _TILE_ELEMS // block_d))
+    num_warps = min(16, max(1, block_m * block_d // 512))
+    return Launch(False, block_m, block_d, num_warps)
 
 
 # --------------------------------------------------------------------------- Triton kernels
+
+
+@triton.jit
+def _scale(
+    normed, x_ptr, w_ptr, cols, col_mask, offset, CASTING: tl.constexpr, HAS_WEIGHT: tl.constexpr
+):
+    """``normed * (offset + w)`` in fp32, with Llama's rounding of ``normed`` first."""
+    if CASTING == 0:
+        # Llama rounds the normalised value to the input dtype before the weight multiply.
+        normed = normed.to(x_ptr.dtype.element_ty).to(tl.float32)
+    if HAS_WEIGHT:
+        w = tl.load(w_ptr + cols, mask=col_mask, other=0.0).to(tl.float32) + offset
+        normed = normed * w[None, :]
+    return normed
 
 
 @triton.jit
@@ -58,6 +131,7 @@ def _rms_norm_fwd_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
+    """Row in registers: ``BLOCK_M`` whole rows per program."""
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.arange(0, BLOCK_D)
     row_mask = rows < n_rows
@@ -69,19 +143,63 @@ def _rms_norm_fwd_kernel(
     x = x.to(tl.float32)
     rstd = tl.rsqrt(tl.sum(x * x, axis=1) / n_cols + eps)
     tl.store(rstd_ptr + rows, rstd, mask=row_mask)
-
-    y = x * rstd[:, None]
-    if CASTING == 0:
-        # Llama rounds the normalised value to the input dtype before the weight multiply.
-        y = y.to(x_ptr.dtype.element_ty).to(tl.float32)
-    if HAS_WEIGHT:
-        w = tl.load(w_ptr + cols, mask=col_mask, other=0.0).to(tl.float32) + offset
-        y = y * w[None, :]
+    y = _scale(x * rstd[:, None], x_ptr, w_ptr, cols, col_mask, offset, CASTING, HAS_WEIGHT)
     tl.store(
         y_ptr + rows64[:, None] * y_row_stride + cols[None, :],
         y.to(y_ptr.dtype.element_ty),
         mask=mask,
     )
+
+
+@triton.jit
+def _rms_norm_fwd_wide_kernel(
+    x_ptr,
+    w_ptr,
+    y_ptr,
+    rstd_ptr,
+    n_rows,
+    n_cols,
+    x_row_stride,
+    y_row_stride,
+    eps,
+    offset,
+    CASTING: tl.constexpr,
+    HAS_WEIGHT: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    """Column-looped: ``BLOCK_M`` rows per program, two passes of ``BLOCK_D`` columns."""
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_mask = rows < n_rows
+    rows64 = rows.to(tl.int64)
+    x_rows = x_ptr + rows64[:, None] * x_row_stride
+    y_rows = y_ptr + rows64[:, None] * y_row_stride
+
+    sum_sq = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
+    for start in range(0, n_cols, BLOCK_D):
+        cols = start + tl.arange(0, BLOCK_D)
+        mask = row_mask[:, None] & (cols < n_cols)[None, :]
+        x = tl.load(x_rows + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        sum_sq += x * x
+    rstd = tl.rsqrt(tl.sum(sum_sq, axis=1) / n_cols + eps)
+    tl.store(rstd_ptr + rows, rstd, mask=row_mask)
+
+    for start in range(0, n_cols, BLOCK_D):
+        cols = start + tl.arange(0, BLOCK_D)
+        col_mask = cols < n_cols
+        mask = row_mask[:, None] & col_mask[None, :]
+        x = tl.load(x_rows + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        y = _scale(x * rstd[:, None], x_ptr, w_ptr, cols, col_mask, offset, CASTING, HAS_WEIGHT)
+        tl.store(y_rows + cols[None, :], y.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _dw_rows(dy, normed, x_ptr, CASTING: tl.constexpr):
+    """A tile's weight-gradient contribution summed over its rows (Llama: the weight
+    multiplied the normalised value rounded to the input dtype)."""
+    if CASTING == 0:
+        normed = normed.to(x_ptr.dtype.element_ty).to(tl.float32)
+    return tl.sum(dy * normed, axis=0)
 
 
 @triton.jit
@@ -104,15 +222,13 @@ def _rms_norm_bwd_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
-    # Each program walks a strided set of row tiles and keeps one fp32 partial sum of the
-    # weight gradient; the partials are reduced on the host side (one small torch.sum).
-    # dx may alias dy (in-place backward): every element is loaded before it is stored.
+    """Row in registers: each program walks a strided set of row tiles and keeps one fp32
+    partial sum of the weight gradient (the partials are reduced by one small torch.sum).
+    dx may alias dy (in-place backward): every element is loaded before it is stored."""
     pid = tl.program_id(0)
     n_programs = tl.num_programs(0)
     cols = tl.arange(0, BLOCK_D)
     col_mask = cols < n_cols
-    if HAS_WEIGHT:
-        w = tl.load(w_ptr + cols, mask=col_mask, other=0.0).to(tl.float32) + offset
     dw_acc = tl.zeros((BLOCK_D,), dtype=tl.float32)
 
     for start in range(pid * BLOCK_M, n_rows, n_programs * BLOCK_M):
@@ -122,25 +238,16 @@ def _rms_norm_bwd_kernel(
         rows64 = rows.to(tl.int64)
 
         x = tl.load(x_ptr + rows64[:, None] * x_row_stride + cols[None, :], mask=mask, other=0.0)
-        x = x.to(tl.float32)
-        dy = tl.load(
-            dy_ptr + rows64[:, None] * dy_row_stride + cols[None, :], mask=mask, other=0.0
-        ).to(tl.float32)
+        dy = tl.load(dy_ptr + rows64[:, None] * dy_row_stride + cols[None, :], mask=mask, other=0.0)
+        dy = dy.to(tl.float32)
         rstd = tl.load(rstd_ptr + rows, mask=row_mask, other=0.0)
-        normed = x * rstd[:, None]
-
+        normed = x.to(tl.float32) * rstd[:, None]
         if COMPUTE_DW:
-            if CASTING == 0:
-                rounded = normed.to(x_ptr.dtype.element_ty).to(tl.float32)
-                dw_acc += tl.sum(dy * rounded, axis=0)
-            else:
-                dw_acc += tl.sum(dy * normed, axis=0)
-
-        # d/dx of x * rstd(x): rstd * (g - normed * mean(g * normed)), g = dL/d(normed).
-        if HAS_WEIGHT:
-            g = dy * w[None, :]
-        else:
-            g = dy
+            dw_acc += _dw_rows(dy, normed, x_ptr, CASTING)
+        # g = dL/d(normed); the weight is re-read per tile (from L1) rather than held in
+        # registers across the loop next to x, dy and the partial.
+        g = _scale(dy, x_ptr, w_ptr, cols, col_mask, offset, 1, HAS_WEIGHT)
+        # d/dx of x * rstd(x): rstd * (g - normed * mean(g * normed)).
         mean_gn = tl.sum(g * normed, axis=1) / n_cols
         dx = (g - normed * mean_gn[:, None]) * rstd[:, None]
         tl.store(
@@ -150,20 +257,92 @@ def _rms_norm_bwd_kernel(
         )
 
     if COMPUTE_DW:
-        tl.store(dw_partial_ptr + pid * n_cols + cols, dw_acc, mask=col_mask)
+        tl.store(dw_partial_ptr + pid.to(tl.int64) * n_cols + cols, dw_acc, mask=col_mask)
 
 
-def _launch_config(n_cols: int) -> tuple[int, int, int]:
-    """Return (BLOCK_M, BLOCK_D, num_warps) for rows of ``n_cols`` elements."""
-    block_d = triton.next_power_of_2(n_cols)
-    if block_d > _MAX_BLOCK_D:
-        raise ValueError(
-            f"rms_norm: the last dimension ({n_cols}) is larger than the Triton kernel supports "
-            f"({_MAX_BLOCK_D}); set ACCEL_KERNEL_IMPL=torch to use the PyTorch path"
+@triton.jit
+def _rms_norm_bwd_rows_kernel(
+    dy_ptr,
+    x_ptr,
+    w_ptr,
+    rstd_ptr,
+    mean_gn_ptr,
+    n_rows,
+    n_cols,
+    dy_row_stride,
+    x_row_stride,
+    offset,
+    HAS_WEIGHT: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    """Column-looped backward, first pass: ``mean(g * normed)`` of each row."""
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_mask = rows < n_rows
+    rows64 = rows.to(tl.int64)
+    acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
+    for start in range(0, n_cols, BLOCK_D):
+        cols = start + tl.arange(0, BLOCK_D)
+        col_mask = cols < n_cols
+        mask = row_mask[:, None] & col_mask[None, :]
+        x = tl.load(x_ptr + rows64[:, None] * x_row_stride + cols[None, :], mask=mask, other=0.0)
+        dy = tl.load(dy_ptr + rows64[:, None] * dy_row_stride + cols[None, :], mask=mask, other=0.0)
+        g = _scale(dy.to(tl.float32), x_ptr, w_ptr, cols, col_mask, offset, 1, HAS_WEIGHT)
+        acc += g * x.to(tl.float32)
+    rstd = tl.load(rstd_ptr + rows, mask=row_mask, other=0.0)
+    tl.store(mean_gn_ptr + rows, tl.sum(acc, axis=1) * rstd / n_cols, mask=row_mask)
+
+
+@triton.jit
+def _rms_norm_bwd_wide_kernel(
+    dy_ptr,
+    x_ptr,
+    w_ptr,
+    rstd_ptr,
+    mean_gn_ptr,
+    dx_ptr,
+    dw_partial_ptr,
+    n_rows,
+    n_cols,
+    dy_row_stride,
+    x_row_stride,
+    dx_row_stride,
+    offset,
+    CASTING: tl.constexpr,
+    HAS_WEIGHT: tl.constexpr,
+    COMPUTE_DW: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    """Column-looped backward, second pass: program (g, c) writes ``dx`` of column block c
+    for row tiles g, g + G, ... and the weight-gradient partial of row group g."""
+    group = tl.program_id(0)
+    n_groups = tl.num_programs(0)
+    cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    col_mask = cols < n_cols
+    dw_acc = tl.zeros((BLOCK_D,), dtype=tl.float32)
+    for start in range(group * BLOCK_M, n_rows, n_groups * BLOCK_M):
+        rows = start + tl.arange(0, BLOCK_M)
+        row_mask = rows < n_rows
+        mask = row_mask[:, None] & col_mask[None, :]
+        rows64 = rows.to(tl.int64)
+        x = tl.load(x_ptr + rows64[:, None] * x_row_stride + cols[None, :], mask=mask, other=0.0)
+        dy = tl.load(dy_ptr + rows64[:, None] * dy_row_stride + cols[None, :], mask=mask, other=0.0)
+        dy = dy.to(tl.float32)
+        rstd = tl.load(rstd_ptr + rows, mask=row_mask, other=0.0)
+        mean_gn = tl.load(mean_gn_ptr + rows, mask=row_mask, other=0.0)
+        normed = x.to(tl.float32) * rstd[:, None]
+        if COMPUTE_DW:
+            dw_acc += _dw_rows(dy, normed, x_ptr, CASTING)
+        g = _scale(dy, x_ptr, w_ptr, cols, col_mask, offset, 1, HAS_WEIGHT)
+        dx = (g - normed * mean_gn[:, None]) * rstd[:, None]
+        tl.store(
+            dx_ptr + rows64[:, None] * dx_row_stride + cols[None, :],
+            dx.to(dx_ptr.dtype.element_ty),
+            mask=mask,
         )
-    block_m = max(1, min(_MAX_ROWS_PER_TILE, _TILE_ELEMS // block_d))
-    num_warps = min(16, max(1, block_m * block_d // 512))
-    return block_m, block_d, num_warps
+    if COMPUTE_DW:
+        tl.store(dw_partial_ptr + group.to(tl.int64) * n_cols + cols, dw_acc, mask=col_mask)
 
 
 def _max_programs(device: torch.device) -> int:
@@ -184,10 +363,11 @@ def _triton_forward(
     n_rows, n_cols = x2d.shape
     y = torch.empty((n_rows, n_cols), dtype=_output_dtype(x2d, weight, casting), device=x2d.device)
     rstd = torch.empty(n_rows, dtype=torch.float32, device=x2d.device)
-    block_m, block_d, num_warps = _launch_config(n_cols)
+    launch = _launch_config(n_cols, itemsize=x2d.element_size())
     if n_rows == 0:
         return y, rstd
-    _rms_norm_fwd_kernel[(triton.cdiv(n_rows, block_m),)](
+    kernel = _rms_norm_fwd_wide_kernel if launch.wide else _rms_norm_fwd_kernel
+    kernel[(triton.cdiv(n_rows, launch.block_m),)](
         x2d,
         x2d if weight is None else weight,  # never read without a weight
         y,
@@ -200,9 +380,10 @@ def _triton_forward(
         float(offset),
         CASTING=_CASTING_IDS[casting],
         HAS_WEIGHT=weight is not None,
-        BLOCK_M=block_m,
-        BLOCK_D=block_d,
-        num_warps=num_warps,
+        BLOCK_M=launch.block_m,
+        BLOCK_D=launch.block_d,
+        num_warps=launch.num_warps,
+        maxnreg=launch.maxnreg,
     )
     return y, rstd
 
@@ -218,34 +399,45 @@ def _triton_backward(
     dx: torch.Tensor | None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     n_rows, n_cols = x2d.shape
-    block_m, block_d, num_warps = _launch_config(n_cols)
-    n_programs = max(1, min(triton.cdiv(n_rows, block_m), _max_programs(x2d.device)))
+    itemsize = max(x2d.element_size(), dy2d.element_size())
+    launch = _launch_config(n_cols, backward=True, itemsize=itemsize)
+    row_tiles = triton.cdiv(n_rows, launch.block_m)
+    col_blocks = triton.cdiv(n_cols, launch.block_d) if launch.wide else 1
+    budget = max(1, _max_programs(x2d.device) // col_blocks)
+    n_groups = max(1, min(row_tiles, budget))  # programs (row groups) along the rows
     if dx is None:
         dx = torch.empty((n_rows, n_cols), dtype=x2d.dtype, device=x2d.device)
     dw_partial = torch.zeros(
-        (n_programs if compute_dw else 1, n_cols), dtype=torch.float32, device=x2d.device
+        (n_groups if compute_dw else 1, n_cols), dtype=torch.float32, device=x2d.device
     )
-    if n_rows > 0:
-        _rms_norm_bwd_kernel[(n_programs,)](
-            dy2d,
-            x2d,
-            x2d if weight is None else weight,
-            rstd,
-            dx,
-            dw_partial,
-            n_rows,
-            n_cols,
-            dy2d.stride(0),
-            x2d.stride(0),
-            dx.stride(0),
-            float(offset),
-            CASTING=_CASTING_IDS[casting],
-            HAS_WEIGHT=weight is not None,
-            COMPUTE_DW=compute_dw,
-            BLOCK_M=block_m,
-            BLOCK_D=block_d,
-            num_warps=num_warps,
-        )
+    w = x2d if weight is None else weight  # never read without a weight
+    common = dict(
+        CASTING=_CASTING_IDS[casting],
+        HAS_WEIGHT=weight is not None,
+        COMPUTE_DW=compute_dw,
+        BLOCK_M=launch.block_m,
+        BLOCK_D=launch.block_d,
+        num_warps=launch.num_warps,
+        maxnreg=launch.maxnreg,
+    )
+    if n_rows == 0:
+        pass
+    elif not launch.wide:
+        _rms_norm_bwd_kernel[(n_groups,)](
+            dy2d, x2d, w, rstd, dx, dw_partial, n_rows, n_cols,
+            dy2d.stride(0), x2d.stride(0), dx.stride(0), float(offset), **common,
+        )  # fmt: skip
+    else:
+        mean_gn = torch.empty(n_rows, dtype=torch.float32, device=x2d.device)
+        _rms_norm_bwd_rows_kernel[(row_tiles,)](
+            dy2d, x2d, w, rstd, mean_gn, n_rows, n_cols, dy2d.stride(0), x2d.stride(0),
+            float(offset), HAS_WEIGHT=weight is not None, BLOCK_M=launch.block_m,
+            BLOCK_D=launch.block_d, num_warps=launch.num_warps, maxnreg=launch.maxnreg,
+        )  # fmt: skip
+        _rms_norm_bwd_wide_kernel[(n_groups, col_blocks)](
+            dy2d, x2d, w, rstd, mean_gn, dx, dw_partial, n_rows, n_cols,
+            dy2d.stride(0), x2d.stride(0), dx.stride(0), float(offset), **common,
+        )  # fmt: skip
     dw = dw_partial.sum(0).to(weight.dtype) if compute_dw else None
     return dx, dw
 

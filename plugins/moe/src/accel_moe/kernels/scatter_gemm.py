@@ -21,6 +21,7 @@ Three parts, like the other kernel modules of accel:
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import triton
@@ -244,10 +245,63 @@ def _grouped_wgrad_kernel(
     )
 
 
-def _blocks_for(x: torch.Tensor) -> tuple[int, int, int]:
+class Tile(NamedTuple):
+    """A launch of the GEMM kernels: the output tile (``block_m`` x ``block_n``), the step
+    along the reduction (``block_k``), warps and software-pipeline stages."""
+
+    block_m: int
+    block_n: int
+    block_k: int
+    num_warps: int
+    num_stages: int
+
+
+# Candidate tiles per target family, largest first. bf16/fp16 run on tensor cores: Hopper
+# takes a 64-deep reduction step (wgmma), Ampere/Ada a 32-deep one with one stage more; fp32
+# (exact products, no TF32) runs on the FMA units with one modest tile. The compile check
+# compiles every candidate for every target.
+_TENSOR_CORE_TILES = {
+    "hopper": (
+        Tile(128, 128, 64, 8, 3),
+        Tile(128, 64, 64, 4, 3),
+        Tile(64, 128, 64, 4, 3),
+        Tile(64, 64, 64, 4, 4),
+    ),
+    "ampere": (
+        Tile(128, 128, 32, 8, 3),
+        Tile(128, 64, 32, 4, 4),
+        Tile(64, 128, 32, 4, 4),
+        Tile(64, 64, 32, 4, 4),
+    ),
+}
+_FP32_TILES = (Tile(64, 64, 32, 4, 3),)
+# The interpreter costs per program instance: few, small tiles.
+INTERPRETER_TILE = Tile(16, 16, 16, 4, 1)
+
+
+def tile_candidates(capability: tuple[int, int], dtype: torch.dtype) -> tuple[Tile, ...]:
+    """The tiles the op may launch on a GPU of compute ``capability`` for ``dtype`` inputs."""
+    if dtype == torch.float32:
+        return _FP32_TILES
+    return _TENSOR_CORE_TILES["hopper" if capability >= (9, 0) else "ampere"]
+
+
+def choose_tile(
+    capability: tuple[int, int], dtype: torch.dtype, out_rows: int, out_cols: int
+) -> Tile:
+    """The candidate for an output of ``out_rows`` x ``out_cols`` per expert: the largest
+    tile unless a side is shorter than 128, where a 128-wide side would mostly be padding."""
+    for tile in tile_candidates(capability, dtype):
+        if (tile.block_m <= 64 or out_rows >= 128) and (tile.block_n <= 64 or out_cols >= 128):
+            return tile
+    return tile_candidates(capability, dtype)[-1]
+
+
+def _tile_for(x: torch.Tensor, out_rows: int, out_cols: int) -> Tile:
     if triton_interpreting() or not x.is_cuda:
-        return 16, 16, 16  # the interpreter costs per program instance: few, small tiles
-    return 64, 64, 32
+        return INTERPRETER_TILE
+    capability = torch.cuda.get_device_capability(x.device)
+    return choose_tile(capability, x.dtype, out_rows, out_cols)
 
 
 def _ieee(x: torch.Tensor) -> bool:
@@ -263,8 +317,9 @@ def triton_grouped_gemm(
     out_rows: int,
 ) -> torch.Tensor:
     """``y[scatter[r]] = x[gather[r]] @ w_kn[e(r)]`` with ``w_kn`` any ``(E, K, N)`` view."""
-    bm, bn, bk = _blocks_for(x)
     k, n = w_kn.shape[1], w_kn.shape[2]
+    tile = _tile_for(x, routing.rows // max(1, routing.num_experts), n)
+    bm, bn, bk = tile.block_m, tile.block_n, tile.block_k
     covered = scatter is None or routing.rows == out_rows  # every output row gets written
     make = torch.empty if covered else torch.zeros
     y = make(out_rows, n, device=x.device, dtype=x.dtype)
@@ -296,6 +351,8 @@ def triton_grouped_gemm(
         BLOCK_M=bm,
         BLOCK_N=bn,
         BLOCK_K=bk,
+        num_warps=tile.num_warps,
+        num_stages=tile.num_stages,
     )
     return y
 
@@ -310,8 +367,10 @@ def triton_grouped_wgrad(
 ) -> torch.Tensor:
     """Fill ``dw_kn[e] = x[x_rows]^T @ dy[dy_rows]`` over expert ``e``'s rows (a view of any
     layout, so the gradient lands in the parameter's own storage order)."""
-    bm, bn, bk = _blocks_for(x)
     e, k, n = dw_kn.shape
+    # the output tile is (k, n) of one expert's weight; the rows are the reduction
+    tile = _tile_for(x, k, n)
+    bk, bn, bm = tile.block_m, tile.block_n, tile.block_k
     if e == 0 or k == 0 or n == 0:
         return dw_kn
     grid = (e, triton.cdiv(k, bk), triton.cdiv(n, bn))
@@ -339,6 +398,8 @@ def triton_grouped_wgrad(
         BLOCK_M=bm,
         BLOCK_N=bn,
         BLOCK_K=bk,
+        num_warps=tile.num_warps,
+        num_stages=tile.num_stages,
     )
     return dw_kn
 
