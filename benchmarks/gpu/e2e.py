@@ -95,8 +95,8 @@ def build_model(folder: Path, dims: dict[str, Any], max_len: int) -> dict[str, A
     import torch
     from transformers import AutoModelForCausalLM
 
-    from accel_bench.models import build_tokenizer
     from accel.testing import tiny_config
+    from accel_bench.models import build_tokenizer
 
     config = tiny_config("llama", size="small", max_position_embeddings=max(max_len, 128), **dims)
     device = "cuda" if torch.cuda.is_available() else "cpu"
