@@ -11,13 +11,12 @@ from __future__ import annotations
 import csv
 import io
 import json
-import os
-import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 from accel.errors import ConfigError
+from accel.helpers import write_atomic
 
 from .outcome import COMPLETED, FAILED, INVALID
 from .scenario import PARAMETERS
@@ -63,18 +62,6 @@ PROPERTY_ORDER = (
     "distributed",
 )
 BASE_COLUMNS = ("experiment", "scenario", "entity_id", "status", "reason", "attempt")
-
-
-def write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as fh:
-            fh.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 class ResultsStore:
