@@ -2,7 +2,10 @@
 same per-token loss and same gradients, for the supported architectures.
 
 Tolerances (fp32): per-token CE atol 1e-5; HF mean loss atol 1e-6; parameter gradients
-rtol 1e-4, atol 1e-6 (observed differences are ~1e-7 relative).
+rtol 1e-4 plus an atol of 1e-5 x the gradient's largest magnitude. The atol scales because
+packing changes the order of fp32 sums: an element's error follows the size of the terms
+summed into it, not its own value (measured: up to 1.6e-6 x the largest magnitude, on
+elements near zero). A wrong mask or position id moves gradients by O(1) of that scale.
 """
 
 import pytest
@@ -52,7 +55,14 @@ def _compare(model, examples, labels=None):
     torch.testing.assert_close(loss, ref_loss, rtol=0, atol=1e-6)
     assert grads.keys() == ref_grads.keys()
     for name in ref_grads:
-        torch.testing.assert_close(grads[name], ref_grads[name], rtol=1e-4, atol=1e-6, msg=name)
+        scale = ref_grads[name].abs().max().item()
+        torch.testing.assert_close(
+            grads[name],
+            ref_grads[name],
+            rtol=1e-4,
+            atol=1e-5 * scale,
+            msg=lambda m, n=name: f"{n}: {m}",
+        )
 
 
 @pytest.mark.parametrize("name", MODELS)
