@@ -317,7 +317,7 @@ def report(results: list[dict], manifest: dict, args: argparse.Namespace, load: 
             + f" | {mean([r['train_wall_s'] for r in rs]):.0f} | {step_ms:.1f} | {odm_ms:.2f} "
             f"| {odm_ms / step_ms:.2%} |"
         )
-    lines += ["", "Weights per variant (seed 0): `plots/<variant>.png`.", ""]
+    lines += ["", "Weights per variant (seed 0): `real_text_plots/<variant>.png`.", ""]
     if best is None:
         lines.append(
             "steps-to-target: none of the online rewards reached uniform's final held-out loss"
@@ -415,6 +415,8 @@ def main() -> None:
     results = [json.loads(p.read_text()) for p in sorted((root / "results").glob("*.json"))]
     manifest = json.loads((Path(args.corpus) / "corpus.json").read_text())
     load = (root / "load.txt").read_text() if (root / "load.txt").is_file() else "load unknown"
+    if (root / "probe.txt").is_file():  # the jobs/threads probe of the protocol, if recorded
+        load += "; " + (root / "probe.txt").read_text().strip()
     text = report(results, manifest, args, load)
     plots(results, root, manifest, Path(args.report).parent / "real_text_plots")
     Path(args.report).write_text(text)

@@ -17,7 +17,6 @@ the kernel reads in place.
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -25,7 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from accel.api import PatchError, PatchRule
+from accel.api import PatchError, PatchRule, shape_difference
 
 from ..kernels.swiglu import gated_activation
 from ..support import MLP_CLASSES, supported_types
@@ -102,13 +101,6 @@ FORMS = {
 }
 
 
-def _code_key(function: Any) -> tuple[Any, ...] | None:
-    code = getattr(inspect.unwrap(function), "__code__", None)
-    if code is None:
-        return None
-    return code.co_code, code.co_names, code.co_varnames
-
-
 def form_of(module: nn.Module) -> tuple[str, MlpForm]:
     """The form of a gated MLP module listed in the support table; ValueError if its forward
     is not that form's."""
@@ -117,9 +109,11 @@ def form_of(module: nn.Module) -> tuple[str, MlpForm]:
         raise ValueError(f"{cls} is not a gated MLP class of the support table")
     name = MLP_CLASSES[cls]
     form = FORMS[name]
-    if _code_key(type(module).forward) != _code_key(form.reference):
+    difference = shape_difference(type(module).forward, form.reference)
+    if difference:
         raise ValueError(
-            f"the forward of {cls} is not the {name!r} gated MLP form in this transformers version"
+            f"the forward of {cls} is not the {name!r} gated MLP form in this transformers "
+            f"version ({difference})"
         )
     return name, form
 

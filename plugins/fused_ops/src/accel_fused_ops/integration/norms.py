@@ -8,7 +8,6 @@ the family's frozen reference below, so a class whose forward changed is refused
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -16,7 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from accel.api import PatchError, PatchRule
+from accel.api import PatchError, PatchRule, shape_difference
 
 from ..kernels.rms_norm import rms_norm
 from ..support import NORM_CLASSES, supported_types
@@ -70,14 +69,6 @@ FAMILIES = {
 }
 
 
-def _code_key(function: Any) -> tuple[Any, ...] | None:
-    code = getattr(inspect.unwrap(function), "__code__", None)
-    if code is None:
-        return None
-    consts = tuple(c for c in code.co_consts if not isinstance(c, str))  # not docstrings
-    return code.co_code, code.co_names, code.co_varnames, consts
-
-
 def family_of(module: nn.Module) -> tuple[str, NormFamily]:
     """The family of an RMSNorm module (its class, or a base class, in the support table)."""
     for cls in type(module).__mro__:
@@ -98,13 +89,13 @@ def rms_norm_params(module: nn.Module) -> dict[str, Any]:
     name, family = family_of(module)
     methods = [m for m in vars(family.reference) if not m.startswith("__")]
     cls = type(module)
-    if any(
-        _code_key(getattr(cls, m, None)) != _code_key(vars(family.reference)[m]) for m in methods
-    ):
-        raise ValueError(
-            f"the forward of {type(module).__name__} is not the {name}-family RMSNorm forward "
-            "in this transformers version"
-        )
+    for method in methods:
+        difference = shape_difference(getattr(cls, method, None), vars(family.reference)[method])
+        if difference:
+            raise ValueError(
+                f"the {method} of {type(module).__name__} is not the {name}-family RMSNorm "
+                f"{method} in this transformers version ({difference})"
+            )
     return {
         "eps": float(getattr(module, family.eps_attr)),
         "offset": family.offset,

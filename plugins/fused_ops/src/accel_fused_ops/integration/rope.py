@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from accel.api import PatchError, PatchRule
+from accel.api import PatchError, PatchRule, code_shape, same_code
 
 from ..kernels.rope import apply_rotary_pos_emb as fused_apply_rotary_pos_emb
 from ..support import supported_types
@@ -57,11 +57,6 @@ def rope_modeling_module(attention: Any) -> ModuleType | None:
     if module is None or not callable(getattr(module, FUNCTION, None)):
         return None
     return module
-
-
-def _code_key(function: Any) -> tuple[Any, ...] | None:
-    code = _unwrapped_code(function)
-    return None if code is None else (code.co_code, code.co_names, code.co_varnames)
 
 
 # GPT-OSS's form, as transformers writes it (compared by bytecode, never called): cos/sin of
@@ -129,16 +124,16 @@ def rope_replacement(modeling: ModuleType) -> Callable[..., Any] | None:
     from transformers.models.llama import modeling_llama
     from transformers.models.phi3 import modeling_phi3
 
-    key = _code_key(_original(modeling))
-    if key is not None and key in {
-        _code_key(_original(m)) for m in (modeling_llama, modeling_phi3)
+    original = _original(modeling)
+    if code_shape(original) is not None and code_shape(original) in {
+        code_shape(_original(m)) for m in (modeling_llama, modeling_phi3)
     }:
         return fused_apply_rotary_pos_emb
     helper = getattr(modeling, "_apply_rotary_emb", None)
-    if key == _code_key(_half_width_apply) and _code_key(helper) == _code_key(_half_width_rotate):
+    if same_code(original, _half_width_apply) and same_code(helper, _half_width_rotate):
         return fused_half_width_rope
-    rotate = _code_key(getattr(modeling, "rotate_half", None))
-    if key == _code_key(_cast_back_apply) and rotate == _code_key(modeling_llama.rotate_half):
+    rotate = getattr(modeling, "rotate_half", None)
+    if same_code(original, _cast_back_apply) and same_code(rotate, modeling_llama.rotate_half):
         return fused_cast_back_rope
     return None
 
