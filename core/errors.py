@@ -37,13 +37,14 @@ class PatchError(AccelError):
 
 
 def did_you_mean(word: str, choices: Iterable[str]) -> str:
-    """Return ``" Did you mean 'x'?"`` for the closest choice (or the shortest choice that
-    ``word`` begins, so a cut-off name such as ``resume`` still finds its option), or ``""``."""
+    """Return ``" Did you mean 'x'?"`` for the closest choice, or every choice that ``word``
+    begins (so a cut-off name such as ``--fast`` lists ``--fast_kernels`` and ``--fast_moe``),
+    or ``""``."""
     choices = list(choices)
-    close = (
-        sorted((c for c in choices if c.startswith(word)), key=len)[:1] if len(word) >= 4 else []
-    )
-    close = close or difflib.get_close_matches(word, choices, n=1, cutoff=0.6)
+    starting = sorted(c for c in choices if c.startswith(word)) if len(word) >= 4 else []
+    if len(starting) > 1:
+        return f" Did you mean one of {', '.join(repr(c) for c in starting)}?"
+    close = starting or difflib.get_close_matches(word, choices, n=1, cutoff=0.6)
     return f" Did you mean '{close[0]}'?" if close else ""
 
 

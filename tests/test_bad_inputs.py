@@ -87,6 +87,9 @@ def test_argparse_errors_are_one_line(args, extra, message):
 def test_cli_parse_errors_exit_2_with_one_line(args):
     assert_one_error_line(accel("trian"), "got 'trian'", "Did you mean 'train'")
     assert_one_error_line(accel("install", "--dry", "x"), "'--dry'", "Did you mean '--dry-run'")
+    assert_one_error_line(  # a cut-off flag lists every flag it begins
+        accel("train", *args, "--fast", "True"), "'--fast'", "'--fast_kernels', '--fast_moe'"
+    )
     assert_one_error_line(
         accel("train", *args, "--learning_rat", "0.1"), "--learning_rat", "--learning_rate"
     )

@@ -85,8 +85,29 @@ def test_fms_acceleration_sample_config_is_accepted(ep, tmp_path, monkeypatch):
 )
 def test_launch_refusals(world, value, message, monkeypatch):
     _world(monkeypatch, world)
+    available = discover_plugins()
     with pytest.raises(ConfigError, match=re.escape(message)):
-        _settings(["--model_name_or_path", "m", "--fast_moe", value])
+        argv = ["--model_name_or_path", "m", "--fast_moe", value]
+        build_framework(parse_argv(argv, available), available).get("scattermoe").check_run()
+
+
+@pytest.mark.parametrize("ep", [2, 4, 8])
+def test_accel_arguments_translates_an_ep_sample_without_a_launch(ep, tmp_path):
+    """fms-acceleration's ScatterMoE ep2/ep4/ep8 samples are configs, not launches: the
+    launch check belongs to training (check_run), so one process can translate them."""
+    import os
+    import subprocess
+    import sys
+
+    path = tmp_path / f"moe-ep{ep}.yaml"
+    path.write_text(FMS_SAMPLE.format(ep=ep))
+    env = {k: v for k, v in os.environ.items() if k != "WORLD_SIZE"}
+    done = subprocess.run(
+        [sys.executable, "-m", "accel.cli", "arguments", str(path)],
+        capture_output=True, text=True, timeout=120, env=env,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert f"--fast_moe {ep}" in done.stdout
 
 
 def argv(args: dict) -> list[str]:

@@ -71,18 +71,7 @@ class FusedOpsConfig:
     )
 
     def __post_init__(self) -> None:
-        loss_options = {
-            "label_smoothing": self.label_smoothing != 0.0,
-            "z_loss": self.z_loss != 0.0,
-            "token_accuracy": self.token_accuracy,
-            "loss_memory_budget_mib": self.loss_memory_budget_mib is not None,
-        }
-        given = [name for name, on in loss_options.items() if on]
-        if given and self.fast_loss is False:
-            raise ValueError(
-                f"{', '.join(given)} set but fast_loss is off; these options belong to the "
-                "fused loss: turn it on (fast_loss: true) or remove them"
-            )
+        self._check_options_need_their_feature()
         if not 0.0 <= self.label_smoothing <= 1.0:
             raise ValueError(f"label_smoothing must be in [0, 1], got {self.label_smoothing}")
         if not self.z_loss >= 0.0:
@@ -98,11 +87,27 @@ class FusedOpsConfig:
                 "bitsandbytes or plain (flag: --fused_lora <base_layer> True)"
             )
 
+    def _check_options_need_their_feature(self) -> None:
+        from .features import FEATURES
+
+        defaults = FusedOpsConfig.__dataclass_fields__
+        for feature in FEATURES:
+            if not feature.options_need_it or feature.enabled(self):
+                continue
+            given = [o for o in feature.options if getattr(self, o) != defaults[o].default]
+            if given:
+                raise ValueError(
+                    f"{', '.join(given)} set but {feature.name} is off; these options belong "
+                    f"to {feature.name}: turn it on ({feature.name}: true) or remove them"
+                )
+
     def enables_nothing(self) -> bool:
-        """True when no kernel is switched on (``--fast_kernels False False False``): the core
-        then refuses the section instead of listing an active plugin that changes nothing."""
-        switches = (self.fast_rms_layernorm, self.fast_rope_embeddings, self.fast_swiglu)
-        return self.fast_loss is False and not any(switches) and not self.fused_lora
+        """True when no feature is switched on (``--fast_kernels False False False``): the
+        core then refuses the section instead of listing an active plugin that changes
+        nothing."""
+        from .features import requested
+
+        return not requested(self)
 
     def merged(self, other: FusedOpsConfig) -> FusedOpsConfig:
         """Combine the configs of both paths: a switch is on if either path turns it on."""

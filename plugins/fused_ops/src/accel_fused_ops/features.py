@@ -1,8 +1,11 @@
-"""One record per feature: its config fields, when it is on, its rules, rule names, report.
+"""One record per feature: its config fields, its slot in a command-line flag, when it is on,
+its rules, its report lines, and the architectures a model-level test verified it on.
 
-Everything that names a feature reads :data:`FEATURES` (rules, the plugin's report, the README
-table, the tests); the per-architecture support of each feature is the table in
-:mod:`accel_fused_ops.support`. The tuple's order is the order the rules are applied in:
+Everything that names a feature reads :data:`FEATURES`: the config's checks, the plugin's
+flags and report, the support table (:mod:`accel_fused_ops.support`: a feature is Supported
+only on the architectures of its ``verified_on``), the README tables, the tests. A new feature
+is its kernel, its integration builder and one record here. The tuple's order is the order
+the rules are applied in:
 ``fused_lora`` first, so the loss rule's lm_head wrapper calls the fused LoRA forward of a
 LoRA-adapted lm_head. Builders live in the integration layer and are imported only when rules
 are built (``accel plugins`` loads the plugin without torch).
@@ -14,8 +17,6 @@ import importlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
-
-from .support import FEATURE_NAMES
 
 if TYPE_CHECKING:
     from accel.api import PatchRule
@@ -29,8 +30,10 @@ class Feature:
 
     #: the config field that switches it on (also the name in reports and errors)
     name: str
-    #: every config field the feature reads
-    fields: tuple[str, ...]
+    #: the command-line flag (a key of :data:`FLAGS`) that sets it, and the position of its
+    #: first value among the flag's values
+    flag: str
+    slot: int
     #: what is replaced, in a few words (README table)
     patches: str
     #: the names of the rules its builder may return (reports show them prefixed ``fused_ops.``)
@@ -42,6 +45,27 @@ class Feature:
     builder: str
     #: extra lines for the start-of-training report when it is on
     report: Callable[[FusedOpsConfig], list[str]] = lambda settings: []
+    #: the other config fields only this feature reads (setting one while the feature is off
+    #: is refused when ``options_need_it``)
+    options: tuple[str, ...] = ()
+    options_need_it: bool = True
+    #: the flag's values for this feature, in order (default: the switch alone)
+    flag_fields: tuple[str, ...] = ()
+    #: the model types a model-level test (``tests/test_models.py``) trains with the feature
+    #: on and off and finds the same losses; ``EVERY`` = every architecture of the support
+    #: table that does not mark the feature Unsupported with a reason. Elsewhere the feature
+    #: is Unsupported ("not verified"): a new record starts verified nowhere.
+    verified_on: tuple[str, ...] = ()
+
+    @property
+    def fields(self) -> tuple[str, ...]:
+        """Every config field the feature reads."""
+        return (self.name, *self.options)
+
+    @property
+    def values(self) -> tuple[str, ...]:
+        """The config fields its flag values set, in order."""
+        return self.flag_fields or (self.name,)
 
     def build(self, settings: FusedOpsConfig, model: Any) -> list[PatchRule]:
         module, function = self.builder.split(":")
@@ -74,10 +98,42 @@ def _loss_options(settings: FusedOpsConfig) -> str:
     return f" ({', '.join(shown)})" if shown else ""
 
 
+#: ``verified_on`` value: every architecture of the table without an Unsupported reason
+EVERY = ("*",)
+TRAINING_PATH = "training.fused_ops_and_kernels"
+PEFT_PATH = "peft.quantization.fused_ops_and_kernels"
+
+
+@dataclass(frozen=True)
+class FlagSpec:
+    """A command-line flag (fms-hf-tuning's) whose values are the features' fields."""
+
+    path: str
+    help: str
+    nargs: tuple[int, ...] | None = None
+
+
+#: the flags in the order the tables show their features
+FLAGS: dict[str, FlagSpec] = {
+    "fast_kernels": FlagSpec(
+        TRAINING_PATH,
+        "fused loss, RMSNorm and RoPE kernels on/off (4th value: SwiGLU), e.g. True True True",
+        nargs=(3, 4),
+    ),
+    "fused_lora": FlagSpec(
+        PEFT_PATH, "base_layer (auto_gptq|bitsandbytes|plain) and True, e.g. auto_gptq True"
+    ),
+}
+
 FEATURES: tuple[Feature, ...] = (
     Feature(
         name="fused_lora",
-        fields=("fused_lora", "base_layer"),
+        flag="fused_lora",
+        slot=0,
+        flag_fields=("base_layer", "fused_lora"),
+        options=("base_layer",),
+        options_need_it=False,  # fms-hf-tuning's --fused_lora auto_gptq False is accepted
+        verified_on=EVERY,
         patches="`forward` of every PEFT LoRA linear layer",
         rule_names=("lora_linear",),
         enabled=lambda s: bool(s.fused_lora),
@@ -85,7 +141,9 @@ FEATURES: tuple[Feature, ...] = (
     ),
     Feature(
         name="fast_rms_layernorm",
-        fields=("fast_rms_layernorm",),
+        flag="fast_kernels",
+        slot=1,
+        verified_on=EVERY,
         patches="`forward` of every RMSNorm module",
         rule_names=("rms_norm",),
         enabled=lambda s: bool(s.fast_rms_layernorm),
@@ -93,7 +151,9 @@ FEATURES: tuple[Feature, ...] = (
     ),
     Feature(
         name="fast_swiglu",
-        fields=("fast_swiglu",),
+        flag="fast_kernels",
+        slot=3,
+        verified_on=EVERY,
         patches="`forward` of every gated MLP (`down(act(gate(x)) * up(x))`, separate or fused "
         "gate/up projections)",
         rule_names=("gated_mlp",),
@@ -102,7 +162,9 @@ FEATURES: tuple[Feature, ...] = (
     ),
     Feature(
         name="fast_rope_embeddings",
-        fields=("fast_rope_embeddings",),
+        flag="fast_kernels",
+        slot=2,
+        verified_on=EVERY,
         patches="`apply_rotary_pos_emb` of the attention modules' modeling file",
         rule_names=("rotary_embedding",),
         enabled=lambda s: bool(s.fast_rope_embeddings),
@@ -111,13 +173,10 @@ FEATURES: tuple[Feature, ...] = (
     ),
     Feature(
         name="fast_loss",
-        fields=(
-            "fast_loss",
-            "label_smoothing",
-            "z_loss",
-            "token_accuracy",
-            "loss_memory_budget_mib",
-        ),
+        flag="fast_kernels",
+        slot=0,
+        options=("label_smoothing", "z_loss", "token_accuracy", "loss_memory_budget_mib"),
+        verified_on=EVERY,
         patches="the model's `loss_function` (cross-entropy or fused linear cross-entropy)",
         # cross_entropy mode builds the first, fused_linear the second
         rule_names=("cross_entropy_loss", "linear_cross_entropy_loss"),
@@ -128,7 +187,16 @@ FEATURES: tuple[Feature, ...] = (
 )
 
 FEATURE_BY_NAME: dict[str, Feature] = {f.name: f for f in FEATURES}
-assert tuple(FEATURE_BY_NAME) == FEATURE_NAMES, "features and the support table disagree"
+#: the features in the order users set them (flag by flag, value by value): table columns
+COLUMNS: tuple[str, ...] = tuple(
+    f.name for f in sorted(FEATURES, key=lambda f: (list(FLAGS).index(f.flag), f.slot))
+)
+
+
+def flag_fields(flag: str) -> tuple[str, ...]:
+    """The config fields ``flag``'s values set, in order, from the records."""
+    mine = sorted((f for f in FEATURES if f.flag == flag), key=lambda f: f.slot)
+    return tuple(name for f in mine for name in f.values)
 
 
 def requested(settings: FusedOpsConfig) -> list[Feature]:

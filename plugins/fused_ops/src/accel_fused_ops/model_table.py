@@ -10,12 +10,10 @@ from __future__ import annotations
 
 from accel.api import GeneratedBlock, cell
 
-from .features import FEATURE_BY_NAME
+from .features import COLUMNS, FEATURE_BY_NAME
 from .support import ARCHITECTURES
 
 README_BLOCK = GeneratedBlock("model-table", "python -m accel_fused_ops.model_table")
-#: the columns in the order users set them: the --fast_kernels values, then fused_lora
-COLUMNS = ("fast_loss", "fast_rms_layernorm", "fast_rope_embeddings", "fast_swiglu", "fused_lora")
 
 
 def markdown() -> str:

@@ -9,14 +9,13 @@ from typing import TYPE_CHECKING, Any
 from accel.api import AccelerationPlugin, BaseLayer, ConfigError, Flag, PatchRule, hook
 
 from .config import FusedOpsConfig
+from .features import FLAGS, PEFT_PATH, TRAINING_PATH, flag_fields
 from .support import ALL_MODEL_TYPES
 
 if TYPE_CHECKING:
     from peft import PeftModel
     from transformers import PreTrainedModel
 
-TRAINING_PATH = "training.fused_ops_and_kernels"
-PEFT_PATH = "peft.quantization.fused_ops_and_kernels"
 #: the fused_lora base layers that a quantization plugin loads (its ``base_layer``)
 QUANTIZED_BASES = ("auto_gptq", "bitsandbytes")
 
@@ -25,20 +24,10 @@ class FusedOpsPlugin(AccelerationPlugin):
     name = "fused_ops"
     config_paths = (TRAINING_PATH, PEFT_PATH)
     config_schema = FusedOpsConfig
-    flags = (
-        Flag(
-            name="fast_kernels",
-            path=TRAINING_PATH,
-            fields=("fast_loss", "fast_rms_layernorm", "fast_rope_embeddings", "fast_swiglu"),
-            nargs=(3, 4),
-            help="fused loss, RMSNorm and RoPE kernels on/off (4th value: SwiGLU), e.g. True True True",
-        ),
-        Flag(
-            name="fused_lora",
-            path=PEFT_PATH,
-            fields=("base_layer", "fused_lora"),
-            help="base_layer (auto_gptq|bitsandbytes|plain) and True, e.g. auto_gptq True",
-        ),
+    #: fms-hf-tuning's flags; which field each value sets comes from the feature records
+    flags = tuple(
+        Flag(name=name, path=spec.path, fields=flag_fields(name), nargs=spec.nargs, help=spec.help)
+        for name, spec in FLAGS.items()
     )
     # peft's quantization plugins (when installed) must put the adapters in place first
     after = ("auto_gptq", "bitsandbytes")

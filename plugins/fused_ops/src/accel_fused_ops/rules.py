@@ -15,18 +15,8 @@ from typing import Any
 from accel.api import PatchError, PatchRule, model_type_of
 
 from .config import FusedOpsConfig
-from .features import FEATURE_BY_NAME, FEATURES, requested
+from .features import requested
 from .support import support_of, supported_types
-
-#: the order features are applied in (see ``features.FEATURES``)
-FEATURE_ORDER = tuple(f.name for f in FEATURES)
-#: the rule names each feature's builder may return
-RULE_NAMES = {f.name: f.rule_names for f in FEATURES}
-
-
-def requested_features(settings: FusedOpsConfig) -> list[str]:
-    """The names of the features switched on in ``settings``, in application order."""
-    return [f.name for f in requested(settings)]
 
 
 def model_name(model: Any) -> str:
@@ -63,11 +53,4 @@ def build_rules(settings: FusedOpsConfig, model: Any) -> list[PatchRule]:
     return rules
 
 
-__all__ = [
-    "FEATURE_BY_NAME",
-    "FEATURE_ORDER",
-    "RULE_NAMES",
-    "build_rules",
-    "check_supported",
-    "requested_features",
-]
+__all__ = ["build_rules", "check_supported"]

@@ -3,9 +3,10 @@ Unsupported with the reason, and the module classes the feature's rules act on.
 
 One table serves the plugin's architecture gate (``FusedOpsPlugin.model_types``), the
 per-feature check and its error message (``rules.check_supported``) and the README table
-(``model_table``). An architecture is Supported for a feature only when a model-level test
-trains a tiny model of that type with the feature on and off and finds the same losses
-(``tests/test_models.py``). Module classes are listed by name because transformers copies
+(``model_table``). An architecture is Supported for a feature only when the feature's record
+(``features.FEATURES``) lists it as verified: a model-level test trains a tiny model of that
+type with the feature on and off and finds the same losses (``tests/test_models.py``).
+Anything else is Unsupported, with the table's reason or "not verified". Module classes are listed by name because transformers copies
 each block into every modeling file; at patch time the integration layer verifies that a
 listed class still computes what the fused op assumes (bytecode checks), so a changed
 transformers release is refused instead of silently mis-fused.
@@ -20,14 +21,9 @@ from dataclasses import dataclass, field
 
 from accel.api import Support, Supported, Unsupported
 
-#: the plugin's features (config switches), in the order ``features.FEATURES`` applies them
-FEATURE_NAMES = (
-    "fused_lora",
-    "fast_rms_layernorm",
-    "fast_swiglu",
-    "fast_rope_embeddings",
-    "fast_loss",
-)
+from .features import EVERY, FEATURES
+
+NOT_VERIFIED = "not verified: no model-level test trains this feature on this architecture"
 
 
 @dataclass(frozen=True)
@@ -43,7 +39,7 @@ class Architecture:
     #: causal-LM class -> what it does to the lm_head output before the loss: "none",
     #: "scale" (divides by ``config.logits_scaling``) or "softcap" (``final_logit_softcapping``)
     heads: Mapping[str, str] = field(default_factory=dict)
-    #: feature -> Supported / Unsupported (every name of FEATURE_NAMES)
+    #: feature -> Supported / Unsupported (every feature of ``features.FEATURES``)
     features: Mapping[str, Support] = field(default_factory=dict)
 
     def support(self, feature: str) -> Support:
@@ -60,12 +56,16 @@ def _arch(
     notes: Mapping[str, str] = (),
 ) -> Architecture:
     unsupported, notes = dict(unsupported), dict(notes)
-    features = {
-        name: Unsupported(unsupported[name])
-        if name in unsupported
-        else Supported(notes.get(name, ""))
-        for name in FEATURE_NAMES
-    }
+    features: dict[str, Support] = {}
+    for feature in FEATURES:
+        name = feature.name
+        verified = feature.verified_on == EVERY or model_type in feature.verified_on
+        if name in unsupported:
+            features[name] = Unsupported(unsupported[name])
+        else:
+            features[name] = (
+                Supported(notes.get(name, "")) if verified else Unsupported(NOT_VERIFIED)
+            )
     return Architecture(model_type, dict(norms), dict(mlps), dict(heads), features)
 
 

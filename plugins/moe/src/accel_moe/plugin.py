@@ -45,10 +45,19 @@ class ScatterMoEPlugin(AccelerationPlugin):
 
     def __init__(self, configs: dict[str, ScatterMoEConfig]) -> None:
         super().__init__(configs)
+        self.settings: ScatterMoEConfig = self.config()
+
+    @hook
+    def check_run(self) -> None:
+        """Before anything loads, at training time only: the launch can hold ``ep_size``
+        expert shards (reading or translating a config, e.g. ``accel arguments``, needs no
+        launch)."""
         from .parallel import check_launch
 
-        self.settings: ScatterMoEConfig = self.config()
-        check_launch(self.settings.ep_size)  # before anything loads
+        try:
+            check_launch(self.settings.ep_size)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
 
     @hook
     def load_model(self, model_name_or_path: str, model_kwargs: dict[str, Any]) -> PreTrainedModel:

@@ -12,6 +12,7 @@ last reference is released (``AppliedPatches.revert`` of the last model using it
 
 from __future__ import annotations
 
+import importlib
 import inspect
 import sys
 import threading
@@ -22,7 +23,7 @@ from typing import Any
 
 import torch
 
-from accel.api import PatchError, PatchRule, code_shape, same_code
+from accel.api import PatchError, PatchRule, same_code
 
 from ..kernels.rope import apply_rotary_pos_emb as fused_apply_rotary_pos_emb
 from ..support import supported_types
@@ -116,26 +117,73 @@ def fused_cast_back_rope(
     return q_embed.to(q.dtype), k_embed.to(k.dtype)
 
 
-def rope_replacement(modeling: ModuleType) -> Callable[..., Any] | None:
-    """The fused function for ``modeling``'s original ``apply_rotary_pos_emb``: the fused op
-    itself for Llama's and Phi3's (partial rotary) form, :func:`fused_half_width_rope` for
-    GPT-OSS's, :func:`fused_cast_back_rope` for OLMo's; None for any other function (compared by bytecode: transformers copies these
-    functions into each modeling file)."""
-    from transformers.models.llama import modeling_llama
-    from transformers.models.phi3 import modeling_phi3
+@dataclass(frozen=True)
+class RopeForm:
+    """One way transformers writes ``apply_rotary_pos_emb``, and the fused function for it.
 
+    A reference is a function (a frozen copy in this file, compared by code shape, never
+    called) or ``"module:name"`` of transformers (the function that modeling file had before
+    any fused patch, for forms transformers copies unchanged into other files)."""
+
+    name: str
+    #: the forms of ``apply_rotary_pos_emb`` itself (any of them)
+    known: tuple[Callable[..., Any] | str, ...]
+    #: the other globals of the modeling file the form calls -> their known form
+    helpers: tuple[tuple[str, Callable[..., Any] | str], ...]
+    fused: Callable[..., Any]
+
+
+_LLAMA = "transformers.models.llama.modeling_llama"
+FORMS: tuple[RopeForm, ...] = (
+    # Llama's and Phi3's (partial rotary: rotary_dim < head_dim) rotate_half form
+    RopeForm(
+        "rotate_half",
+        known=(f"{_LLAMA}:{FUNCTION}", f"transformers.models.phi3.modeling_phi3:{FUNCTION}"),
+        helpers=(),
+        fused=fused_apply_rotary_pos_emb,
+    ),
+    # GPT-OSS: half-width cos/sin, both halves rotated explicitly
+    RopeForm(
+        "half_width",
+        known=(_half_width_apply,),
+        helpers=(("_apply_rotary_emb", _half_width_rotate),),
+        fused=fused_half_width_rope,
+    ),
+    # OLMo: Llama's rotation in the promoted dtype, cast back to q's and k's
+    RopeForm(
+        "cast_back",
+        known=(_cast_back_apply,),
+        helpers=(("rotate_half", f"{_LLAMA}:rotate_half"),),
+        fused=fused_cast_back_rope,
+    ),
+)
+
+
+def _reference(ref: Callable[..., Any] | str) -> Any:
+    if callable(ref):
+        return ref
+    module_name, name = ref.split(":")
+    module = importlib.import_module(module_name)
+    return _original(module) if name == FUNCTION else getattr(module, name)
+
+
+def form_of(modeling: ModuleType) -> RopeForm | None:
+    """The form of ``modeling``'s original ``apply_rotary_pos_emb`` (code shapes of it and of
+    its helpers), or None when it is none of :data:`FORMS`."""
     original = _original(modeling)
-    if code_shape(original) is not None and code_shape(original) in {
-        code_shape(_original(m)) for m in (modeling_llama, modeling_phi3)
-    }:
-        return fused_apply_rotary_pos_emb
-    helper = getattr(modeling, "_apply_rotary_emb", None)
-    if same_code(original, _half_width_apply) and same_code(helper, _half_width_rotate):
-        return fused_half_width_rope
-    rotate = getattr(modeling, "rotate_half", None)
-    if same_code(original, _cast_back_apply) and same_code(rotate, modeling_llama.rotate_half):
-        return fused_cast_back_rope
+    for form in FORMS:
+        if not any(same_code(original, _reference(k)) for k in form.known):
+            continue
+        if all(same_code(getattr(modeling, n, None), _reference(r)) for n, r in form.helpers):
+            return form
     return None
+
+
+def rope_replacement(modeling: ModuleType) -> Callable[..., Any] | None:
+    """The fused function for ``modeling``'s original ``apply_rotary_pos_emb`` (its form's
+    ``fused``), or None for any other function."""
+    form = form_of(modeling)
+    return None if form is None else form.fused
 
 
 def _original(module: ModuleType) -> Any:
