@@ -376,3 +376,17 @@ def test_demo_run_is_quiet_rounded_and_saves_under_output_dir(tmp_path):
     for command in ("plugins", "configs"):
         listed = accel(command)
         assert listed.returncode == 0 and listed.stderr == "", listed.stderr
+
+
+def test_a_run_that_logged_no_loss_says_so_in_the_summary(tmp_path):
+    out = accel(
+        "train", "--demo", "--output_dir", str(tmp_path / "X"), "--max_steps", "2",
+        "--logging_first_step", "False", "--logging_steps", "10", "--disable_tqdm", "true",
+        env={"ACCEL_CACHE": str(tmp_path / "cache")},
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr[-3000:]
+    pairs = [line.split(":", 1) for line in out.stdout.splitlines() if " : " in line]
+    summary = {key.strip(): value.strip() for key, value in pairs}
+    assert summary["first_loss"] == "(not logged)"
+    assert float(summary["final_loss"]) > 0
+    assert "None" not in out.stdout

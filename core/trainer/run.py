@@ -184,7 +184,9 @@ def run(config: TrainConfig, available: Mapping[str, Any]) -> TrainResult:
         "train_tokens": tokens,
         "train_tokens_per_s": round(tokens / runtime, 1) if runtime > 0 else math.nan,
         "dataset_tokens_per_s": round(real_tokens / runtime, 1) if runtime > 0 else math.nan,
-        "first_loss": losses[0] if losses else None,
+        # with no loss logged (logging_steps > max_steps, logging_first_step off) the run's
+        # mean loss is all there is: say so rather than print None
+        **({"first_loss": losses[0]} if losses else {"first_loss": "(not logged)"}),
         "final_loss": losses[-1] if losses else output.training_loss,
         **_mix_summary(train_ds, trainer),
         "model_saved_to": model_dir or "(not saved: set save_model_dir)",

@@ -337,7 +337,8 @@ def properties_of(
     props["dataset_tokens"] = real
     props["train_steps"] = steps
     props["final_loss"] = summary.get("final_loss")
-    props["first_loss"] = summary.get("first_loss")
+    first = summary.get("first_loss")  # "(not logged)" when the run logged no loss
+    props["first_loss"] = first if isinstance(first, (int, float)) else None
     props.update(resources)
     if main.get("cuda_peak_bytes"):
         props["gpu_memory_peak_allocated_mb"] = round(main["cuda_peak_bytes"] / 2**20, 1)
