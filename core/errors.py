@@ -41,9 +41,9 @@ def did_you_mean(word: str, choices: Iterable[str]) -> str:
     begins (so a cut-off name such as ``--fast`` lists ``--fast_kernels`` and ``--fast_moe``),
     or ``""``."""
     choices = list(choices)
-    starting = sorted(c for c in choices if c.startswith(word)) if len(word) >= 4 else []
-    if len(starting) > 1:
-        return f" Did you mean one of {', '.join(repr(c) for c in starting)}?"
+    starting = sorted((c for c in choices if c.startswith(word)), key=len) if len(word) >= 4 else []
+    if len(starting) > 1 and len(starting[0]) - len(word) > 2:  # cut off, not a typo
+        return f" Did you mean one of {', '.join(repr(c) for c in sorted(starting))}?"
     close = starting or difflib.get_close_matches(word, choices, n=1, cutoff=0.6)
     return f" Did you mean '{close[0]}'?" if close else ""
 
