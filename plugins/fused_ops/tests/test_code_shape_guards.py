@@ -80,10 +80,7 @@ def test_mlp_forward_with_one_constant_changed_is_refused():
         hidden_size=8, intermediate_size=16, num_attention_heads=2, num_key_value_heads=2
     )
     assert form_of(LlamaMLP(config))[0] == "gate_up_down"
-    source = textwrap.dedent(inspect.getsource(LlamaMLP.forward))
-    body = source.replace("return down_proj", "return down_proj * 1.0")
-    namespace: dict = {}
-    exec(compile(body, "<copy>", "exec"), namespace)
-    changed = type("LlamaMLP", (LlamaMLP,), {"forward": namespace["forward"]})(config)
+    edit = ("return down_proj", "return down_proj * 1.0")
+    changed = _subclass_with(LlamaMLP, "forward", edit)(config)
     with pytest.raises(ValueError, match="not the 'gate_up_down' gated MLP form"):
         form_of(changed)
