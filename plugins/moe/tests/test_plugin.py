@@ -255,8 +255,14 @@ def test_distributed_config_refusals(ep, replicate, fsdp, message, monkeypatch):
         distributed_config(ep, replicate, current)
 
 
-def test_ep_with_accelerate_fsdp_is_refused(monkeypatch):
+def test_ep_with_accelerate_fsdp_is_refused_at_training_time(monkeypatch):
+    """Reading the flags needs no launch; the run's check (before the model loads) refuses."""
     _world(monkeypatch, 2)
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    available = discover_plugins()
+    framework = build_framework(
+        parse_argv(["--model_name_or_path", "m", "--fast_moe", "2"], available), available
+    )
+    assert framework.get("scattermoe").settings.ep_size == 2
     with pytest.raises(ConfigError, match="drop the accelerate FSDP config"):
-        _settings(["--model_name_or_path", "m", "--fast_moe", "2"])
+        framework.check_run(run_config=None, model_config=None)
