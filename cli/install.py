@@ -1,7 +1,8 @@
 """``accel install``: pip-install plugin packages (pip runs as a subprocess).
 
 From a checkout, plugins install from ``plugins/<name>`` under the checkout's constraints
-file (so no package can pull another torch); elsewhere they install by package name.
+file (so no package can pull another torch); elsewhere, or with ``--find-links`` (a folder
+that ``scripts/build-wheels.sh`` filled), they install by package name.
 """
 
 from __future__ import annotations
@@ -36,6 +37,12 @@ def add_arguments(parser: Any) -> None:
     parser.add_argument(
         "--force", action="store_true", help="reinstall packages that are installed already"
     )
+    parser.add_argument(
+        "--find-links",
+        metavar="FOLDER",
+        help="install the plugins' wheels from this folder (scripts/build-wheels.sh builds it), "
+        "by package name, instead of from the checkout",
+    )
     parser.add_argument("--verbose", "-v", action="store_true", help="show pip's own output")
 
 
@@ -56,8 +63,20 @@ def resolve(names: list[str]) -> list[CatalogEntry]:
     return entries
 
 
-def pip_command(entries: list[CatalogEntry], root: Path | None, editable: bool) -> list[str]:
+def pip_command(
+    entries: list[CatalogEntry], root: Path | None, editable: bool, find_links: str | None = None
+) -> list[str]:
     cmd = [sys.executable, "-m", "pip", "install"]
+    if find_links is not None:
+        if editable:
+            raise ConfigError("--editable installs from the checkout; drop it with --find-links")
+        folder = Path(find_links)
+        if not folder.is_dir():
+            raise ConfigError(
+                f"--find-links '{find_links}' is not a folder; build one with "
+                "`bash scripts/build-wheels.sh <folder>` in a checkout"
+            )
+        return cmd + ["--find-links", str(folder.resolve())] + [e.distribution for e in entries]
     if root is None:
         if editable:
             raise ConfigError("--editable needs a checkout of the accel repository")
@@ -105,7 +124,8 @@ def _installed(distribution: str) -> bool:
 
 def run(args: Any) -> int:
     entries = resolve(args.names)
-    root = checkout_root()
+    find_links = getattr(args, "find_links", None)
+    root = None if find_links is not None else checkout_root()
     editable = args.editable or (
         root is not None and editable_source("accel-core") == root.resolve()
     )
@@ -122,7 +142,7 @@ def run(args: Any) -> int:
             todo.append(entry)
     if not todo:
         return 0
-    cmd = pip_command(todo, root, editable)
+    cmd = pip_command(todo, root, editable, find_links)
     if not args.verbose:
         cmd.insert(4, "-q")  # pip install -q: errors still show
     shown = " ".join(shlex.quote(c) for c in cmd)

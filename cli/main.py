@@ -130,7 +130,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _run(argv)
     except AccelError as err:
         if _reports_errors():
-            print(f"accel: error: {err}", file=sys.stderr)
+            for line in str(err).splitlines() or [""]:  # several problems: a line each
+                print(f"accel: error: {line}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("accel: interrupted", file=sys.stderr)

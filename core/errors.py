@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import difflib
 import re
-from collections.abc import Iterable
-from typing import NoReturn
+from collections.abc import Callable, Iterable
+from typing import Any, NoReturn, TypeVar
+
+T = TypeVar("T")
 
 
 class AccelError(Exception):
@@ -34,6 +36,40 @@ class UnsupportedModelError(AccelError):
 
 class PatchError(AccelError):
     """A requested feature patched nothing in the model, or a patch could not be applied."""
+
+
+class ErrorList(ConfigError):
+    """Several independent problems found by the cheap checks of one run, reported together
+    (one ``accel: error:`` line each) so that a user fixes them in one go."""
+
+    def __init__(self, errors: list[AccelError]) -> None:
+        self.errors = errors
+        super().__init__("\n".join(str(e) for e in errors))
+
+
+class Problems:
+    """Runs checks that do not depend on each other and keeps every :class:`AccelError` they
+    raise; :meth:`raise_any` then raises the one problem, or all of them as an
+    :class:`ErrorList`."""
+
+    def __init__(self) -> None:
+        self.errors: list[AccelError] = []
+
+    def check(self, check: Callable[..., T], *args: Any, **kwargs: Any) -> T | None:
+        """``check(*args, **kwargs)``; its result, or ``None`` when it raised a problem."""
+        try:
+            return check(*args, **kwargs)
+        except ErrorList as err:
+            self.errors.extend(err.errors)
+        except AccelError as err:
+            self.errors.append(err)
+        return None
+
+    def raise_any(self) -> None:
+        if len(self.errors) == 1:
+            raise self.errors[0]
+        if self.errors:
+            raise ErrorList(self.errors)
 
 
 def did_you_mean(word: str, choices: Iterable[str]) -> str:

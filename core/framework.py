@@ -10,7 +10,7 @@ import dataclasses
 import logging
 import os
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -23,6 +23,7 @@ from .errors import (
     ConfigError,
     PluginConflictError,
     PluginRequirementError,
+    Problems,
     UnsupportedModelError,
 )
 from .helpers import add_note
@@ -62,19 +63,29 @@ class AccelerationFramework:
         plugins: Mapping[str, Any] | None = None,
         flags: Mapping[str, Any] | None = None,
         available: Mapping[str, PluginInfo] | None = None,
+        command_line: Collection[str] = (),
     ) -> AccelerationFramework:
         """The framework of one run, from every place plugin options come from.
 
         ``acceleration_config``: a YAML file, sample name or mapping (``plugins:`` root);
-        ``plugins``: the run config's ``plugins:`` tree; ``flags``: ``{flag name: values}``.
-        They are merged by :func:`accel.sources.merge_sources`: the same key from two of them
-        must have the same typed value.
+        ``plugins``: the run config's ``plugins:`` tree; ``flags``: ``{flag name: values}``,
+        of which those named in ``command_line`` were typed on the command line. They are
+        merged by :func:`accel.sources.merge_sources`: the command line overrides the files;
+        otherwise the same key from two of them must have the same typed value.
         """
         available = discover_plugins() if available is None else available
+        problems = Problems()  # a bad flag's problem, and those of the other sources too
         found = gather_sources(
-            acceleration_config, plugins=plugins, flags=flags, available=available
+            acceleration_config,
+            plugins=plugins,
+            flags=flags,
+            available=available,
+            command_line=command_line,
+            problems=problems,
         )
-        return cls(available=available, sources=found)
+        framework = problems.check(cls, available=available, sources=found)
+        problems.raise_any()
+        return framework
 
     def __init__(
         self,

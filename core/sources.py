@@ -7,7 +7,10 @@ run config (run.json / run.yaml / ``accel.train(plugins=...)``), and the acceler
 
 Each source's values are type-checked against the plugin's schema *before* merging, so the
 comparison is typed: ``--fast_kernels True True True`` and ``fast_loss: true`` in the YAML
-agree. Two sources giving one key different values is an error naming both.
+agree. The command line overrides the files (as it does for every other option of a run):
+a flag typed there replaces the same key from the run config's ``plugins:`` or the
+acceleration config; two files, or two flags, giving one key different values is an error
+naming both.
 
 Flag values are read like command-line words wherever they come from (``"True"`` and
 ``true`` both mean true, as in fms-hf-tuning's JSON flag lists); values under ``plugins:``
@@ -16,14 +19,14 @@ must already have their type (``fast_loss: "true"`` is an error), as YAML and JS
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from .config import ROOT, collect_sections, load_acceleration_config
 from .discovery import unavailable_error
-from .errors import ConfigError
+from .errors import ConfigError, Problems
 from .registry import (
     PluginInfo,
     catalog_for_flag,
@@ -43,6 +46,8 @@ class Source:
     origin: str  # how messages name it: "--fast_kernels", "acceleration config 'a.yaml'"
     sections: Mapping[str, Any] = field(default_factory=dict)
     coerce: bool = False  # values are command-line words (flags)
+    #: given on the command line: its values override the same keys from any file
+    overrides: bool = False
 
 
 def gather_sources(
@@ -52,12 +57,17 @@ def gather_sources(
     flags: Mapping[str, Any] | None = None,
     sections: Mapping[str, Mapping[str, Any]] | None = None,
     available: Mapping[str, PluginInfo],
+    command_line: Collection[str] = (),
+    problems: Problems | None = None,
 ) -> list[Source]:
     """The sources of one run, in the order their options are merged.
 
     ``acceleration_config`` is a file, a sample name or a mapping with a ``plugins:`` root;
     ``plugins`` is the run config's ``plugins:`` tree; ``flags`` maps flag names to their
-    values; ``sections`` is ``{path: sub-config}`` already split from flags.
+    values; ``sections`` is ``{path: sub-config}`` already split from flags; the flags named
+    in ``command_line`` were typed on the command line (they override the files). A flag's
+    problem goes into ``problems`` when given (the other sources are still returned, so that
+    their problems are found too), else it is raised.
     """
     known = known_paths(path_owners(available))
     found: list[Source] = []
@@ -74,7 +84,7 @@ def gather_sources(
                 "lists each plugin's paths) or remove it"
             )
         found.append(_tree_source(plugins, origin, known))
-    found.extend(flag_sources(flags or {}, available))
+    found.extend(flag_sources(flags or {}, available, command_line, problems))
     if sections:
         found.append(Source("a flag", dict(sections), coerce=True))
     return found
@@ -93,24 +103,40 @@ def _tree_source(tree: Mapping[str, Any], origin: str, known: set[str]) -> Sourc
     return Source(origin, sections)
 
 
-def flag_sources(values: Mapping[str, Any], available: Mapping[str, PluginInfo]) -> list[Source]:
-    """One source per flag given (``None`` = not given); a single value stands for a list."""
+def flag_sources(
+    values: Mapping[str, Any],
+    available: Mapping[str, PluginInfo],
+    command_line: Collection[str] = (),
+    problems: Problems | None = None,
+) -> list[Source]:
+    """One source per flag given (``None`` = not given); a single value stands for a list.
+    Every flag's problem is reported (into ``problems`` when given, else raised together),
+    not only the first one's."""
     table = installed_flags(available)
+    found_problems = Problems() if problems is None else problems
     found = []
     for name, raw in values.items():
         if raw is None:
             continue
-        if name not in table:
-            entry = catalog_for_flag(name)
-            if entry is not None:
-                raise missing_plugin_error(f"--{name}", entry)
-            raise unavailable_error(f"--{name}", flag=name) or ConfigError(
-                f"unknown acceleration flag --{name}"
-            )
-        flag = table[name][0]
-        items = list(raw) if isinstance(raw, (list, tuple)) else [raw]
-        found.append(Source(f"--{name}", {flag.path: flag.to_config(items)}, coerce=True))
+        source = found_problems.check(_flag_source, name, raw, table, name in command_line)
+        if source is not None:
+            found.append(source)
+    if problems is None:
+        found_problems.raise_any()
     return found
+
+
+def _flag_source(name: str, raw: Any, table: Mapping[str, Any], overrides: bool) -> Source:
+    if name not in table:
+        entry = catalog_for_flag(name)
+        if entry is not None:
+            raise missing_plugin_error(f"--{name}", entry)
+        raise unavailable_error(f"--{name}", flag=name) or ConfigError(
+            f"unknown acceleration flag --{name}"
+        )
+    flag = table[name][0]
+    items = list(raw) if isinstance(raw, (list, tuple)) else [raw]
+    return Source(f"--{name}", {flag.path: flag.to_config(items)}, coerce=True, overrides=overrides)
 
 
 def merge_sources(
@@ -118,32 +144,47 @@ def merge_sources(
 ) -> dict[str, dict[str, Any]]:
     """``{config path: {key: typed value}}`` from every source, checked and merged.
 
-    Unknown keys and badly typed values are reported with the source that gave them; the
-    same key from two sources must have the same (typed) value; a section whose schema says
-    it switches nothing on is an error (see :func:`check_enables_something`).
+    Unknown keys and badly typed values are reported with the source that gave them (every
+    source's problems together). The one rule of merging, as for the run's other options:
+    what the command line gives overrides the same key from any file (the run config's
+    ``plugins:``, an acceleration config); two files, or two flags, that give one key
+    different (typed) values are an error naming both. A section whose schema says it
+    switches nothing on is an error (see :func:`check_enables_something`).
     """
     owners = path_owners(available)
     merged: dict[str, dict[str, Any]] = {}
-    given_by: dict[str, dict[str, str]] = {}
+    given_by: dict[str, dict[str, Source]] = {}
     path_origins: dict[str, list[str]] = {}
-    for source in sources:
+    problems = Problems()
+    for source in sorted(sources, key=lambda s: s.overrides):  # files first (a stable sort)
         for path, sub in source.sections.items():
-            typed = _typed(source, path, sub, owners)
+            typed = problems.check(_typed, source, path, sub, owners)
+            if typed is None:
+                continue
             current = merged.setdefault(path, {})
             origins = given_by.setdefault(path, {})
             path_origins.setdefault(path, []).append(source.origin)
             for key, value in typed.items():
-                if key in current and not _same(current[key], value):
-                    raise ConfigError(
-                        f"plugins.{path}.{key} is {current[key]!r} from {origins[key]} but "
-                        f"{value!r} from {source.origin}; give one value"
+                earlier = origins.get(key)
+                if earlier is not None and not _same(current[key], value):
+                    if source.overrides and not earlier.overrides:
+                        current[key], origins[key] = value, source  # the command line wins
+                        continue
+                    problems.errors.append(
+                        ConfigError(
+                            f"plugins.{path}.{key} is {current[key]!r} from {earlier.origin} but "
+                            f"{value!r} from {source.origin}; give one value"
+                        )
                     )
+                    continue
                 current[key] = value
-                origins.setdefault(key, source.origin)
+                origins.setdefault(key, source)
+    problems.raise_any()
     for path, values in merged.items():
         schema = owners[path].cls.schema_for(path)
         if schema is not None:
-            check_enables_something(schema, values, path, path_origins[path])
+            problems.check(check_enables_something, schema, values, path, path_origins[path])
+    problems.raise_any()
     return merged
 
 

@@ -330,6 +330,31 @@ def test_target_modules_matching_nothing_lists_the_linear_layers(tiny_model_dir)
     assert "down_proj, gate_proj, k_proj, lm_head, o_proj, q_proj, up_proj, v_proj" in message
 
 
+def test_every_cheap_problem_is_reported_at_once(tmp_path):
+    """No template, a misspelt flag value, a flag short of values and a missing model: one
+    ``accel: error:`` line each, in one run, exit 2, no traceback."""
+    out = accel(
+        "train",
+        "--model_name_or_path",
+        str(tmp_path / "nope"),
+        "--training_data_path",
+        str(tmp_path / "missing.jsonl"),
+        "--padding_free",
+        "hugginface",
+        "--fast_kernels",
+        "True",
+        "True",
+        "--output_dir",
+        str(tmp_path / "out"),
+    )
+    assert out.returncode == 2, out.stderr
+    lines = out.stderr.strip().splitlines()
+    assert all(line.startswith("accel: error: ") for line in lines), out.stderr
+    for fragment in ("missing.jsonl", "nope", "hugginface", "--fast_kernels"):
+        assert sum(fragment in line for line in lines) == 1, (fragment, out.stderr)
+    assert len(lines) == 4 and "Traceback" not in out.stderr
+
+
 def test_bad_values_fail_before_the_model_loads(args):
     """The checks run before transformers loads any model code (the CLI path, in-process)."""
     code = (

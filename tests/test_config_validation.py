@@ -192,6 +192,58 @@ def test_flag_and_file_disagreeing_is_an_error_naming_both(tmp_path):
     assert str(path) in msg and "but False from --kernels" in msg
 
 
+def test_a_flag_typed_on_the_command_line_overrides_the_files(tmp_path):
+    """One rule, as for every other option: the command line overrides the files (the
+    acceleration config and the run config's ``plugins:``)."""
+    path = kernels_yaml(tmp_path, "      fast_loss: true\n      fast_rms_layernorm: true\n")
+    fw = AccelerationFramework.from_sources(
+        path,
+        plugins={"training": {"kernels": {"fast_loss": True, "mode": "torch"}}},
+        flags={"kernels": ["False", "True"]},
+        available=AVAILABLE,
+        command_line={"kernels"},
+    )
+    cfg = fw.plugins[0].config("training.kernels")
+    assert (cfg.fast_loss, cfg.fast_rms_layernorm, cfg.mode) == (False, True, "torch")
+
+
+def test_run_file_plugins_and_a_command_line_flag(tmp_path):
+    """End to end through ``accel train``'s parser: the run file's ``plugins:`` section and
+    the same plugin's flag typed after it (the flag wins); the same flag written in the run
+    file is the file's own value, and disagreeing with its ``plugins:`` is an error."""
+    from accel.trainer.parsing import parse_argv
+    from accel.trainer.run import build_framework
+
+    available = discover_plugins()
+    section = {"training": {"fused_ops_and_kernels": {"fast_loss": False}}}
+    run = tmp_path / "run.json"
+    run.write_text(json.dumps({"model_name_or_path": "m", "plugins": section}))
+    config = parse_argv([str(run), "--fast_kernels", "True", "True", "True"], available)
+    settings = (
+        build_framework(config, available).get("fused_ops").config("training.fused_ops_and_kernels")
+    )
+    assert (settings.fast_loss, settings.fast_rms_layernorm) == (True, True)
+
+    run.write_text(
+        json.dumps(
+            {"model_name_or_path": "m", "plugins": section, "fast_kernels": [True, True, True]}
+        )
+    )
+    config = parse_argv([str(run)], available)
+    with pytest.raises(ConfigError, match="fast_loss is False from the run config.*give one value"):
+        build_framework(config, available)
+
+
+def test_every_bad_flag_is_reported_together():
+    from accel.errors import ErrorList
+
+    with pytest.raises(ErrorList) as err:
+        from_sources(flags={"kernels": ["True"], "lora_kernels": ["bitsandbytes", "maybe"]})
+    lines = str(err.value).splitlines()
+    assert len(lines) == 2
+    assert lines[0].startswith("--kernels") and lines[1].startswith("--lora_kernels"), lines
+
+
 def test_one_and_true_are_different_settings():
     @dataclass
     class Knob:

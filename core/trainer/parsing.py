@@ -47,6 +47,9 @@ class TrainConfig:
     demo: bool = False
     #: plugin options in the fms-acceleration layout (the run config's ``plugins:`` key)
     plugins: dict[str, Any] | None = None
+    #: the options typed on the command line (they override the run config file's, plugin
+    #: options under ``plugins:`` or in an acceleration config included)
+    command_line: frozenset[str] = frozenset()
 
 
 def _field_names() -> set[str]:
@@ -113,8 +116,11 @@ def parse_argv(
     if argv and not argv[0].startswith("-"):
         origin = argv.pop(0)
         data = read_config_file(origin)
-    data.update(given_options(build_parser(available), argv))
-    return parse_mapping(data, available, origin=origin)
+    given = given_options(build_parser(available), argv)
+    data.update(given)
+    config = parse_mapping(data, available, origin=origin)
+    config.command_line = frozenset(given)
+    return config
 
 
 def given_options(parser: argparse.ArgumentParser, argv: Sequence[str]) -> dict[str, Any]:

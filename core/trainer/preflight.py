@@ -15,7 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ..errors import ConfigError, did_you_mean
+from ..errors import ConfigError, Problems, did_you_mean
 
 if TYPE_CHECKING:
     from .parsing import TrainConfig
@@ -47,30 +47,46 @@ _ONLY_FOR = {  # keys that matter only for some peft methods
 }
 
 
-def check_before_loading(config: TrainConfig) -> None:
-    """Every check that needs no model, in the order a user would fix them."""
-    check_required(config)
-    check_values(config)
-    check_attention(config.model.attn_implementation)
-    check_report_to(config.training.report_to)
-    check_output_dir(config.training.output_dir)
-    check_data(config)
+def check_before_loading(config: TrainConfig, problems: Problems | None = None) -> None:
+    """Every check that needs no model, in the order a user would fix them. The checks do not
+    depend on each other (a missing model or dataset skips only the checks of that), so every
+    problem is reported at once: into ``problems``, else raised here."""
     from .loading import check_model_source, check_tokenizer_source
 
-    check_model_source(config.model.model_name_or_path)
-    check_tokenizer_source(config)
+    found = Problems() if problems is None else problems
+    before = len(found.errors)
+    found.check(check_required, config)
+    complete = len(found.errors) == before
+    found.check(check_values, config)
+    found.check(check_attention, config.model.attn_implementation)
+    found.check(check_report_to, config.training.report_to)
+    found.check(check_output_dir, config.training.output_dir)
+    if complete:
+        found.check(check_data, config)
+        before = len(found.errors)
+        found.check(check_model_source, config.model.model_name_or_path)
+        if len(found.errors) == before:  # the tokenizer defaults to the model's folder
+            found.check(check_tokenizer_source, config)
+    if problems is None:
+        found.raise_any()
 
 
 def check_required(config: TrainConfig) -> None:
+    missing = Problems()
     if not config.model.model_name_or_path:
-        raise ConfigError(
-            "model_name_or_path is required (or pass --demo for the embedded tiny model)"
+        missing.errors.append(
+            ConfigError(
+                "model_name_or_path is required (or pass --demo for the embedded tiny model)"
+            )
         )
     if not config.data.training_data_path and not config.data.data_config:
-        raise ConfigError(
-            "training_data_path is required, or data_config for several datasets (or pass "
-            "--demo for the embedded dataset)"
+        missing.errors.append(
+            ConfigError(
+                "training_data_path is required, or data_config for several datasets (or pass "
+                "--demo for the embedded dataset)"
+            )
         )
+    missing.raise_any()
     args = config.training
     if args.eval_strategy != "no" and not _has_validation(config):
         raise ConfigError(

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from ..discovery import discover_for_run
+from ..errors import Problems
 from ..framework import AccelerationFramework
 from .checkpoints import resolve_resume
 from .loading import default_loader, load_model_config, load_tokenizer, model_kwargs
@@ -69,6 +70,7 @@ def build_framework(config: TrainConfig, available: Mapping[str, Any]) -> Accele
         plugins=config.plugins,
         flags=config.flags,
         available=available,
+        command_line=config.command_line,
     )
 
 
@@ -76,17 +78,20 @@ def run(config: TrainConfig, available: Mapping[str, Any]) -> TrainResult:
     import torch
     import transformers
 
+    from . import distributed
+    from .datamix import check_mixer
     from .preflight import check_before_loading
 
-    check_before_loading(config)  # values, paths, data files, model folder: nothing heavy yet
+    # values, paths, data files, model folder, launch, plugins and their flags: nothing heavy
+    # yet, and every problem found is reported together
+    problems = Problems()
+    check_before_loading(config, problems)
+    problems.check(distributed.check_launch, config)
+    framework = problems.check(build_framework, config, available)
+    if framework is not None:
+        problems.check(check_mixer, config, framework)
+    problems.raise_any()  # so framework is set from here on
     args = config.training
-    from . import distributed
-
-    distributed.check_launch(config)
-    framework = build_framework(config, available)
-    from .datamix import check_mixer
-
-    check_mixer(config, framework)
     _configure_logging(args)
     transformers.set_seed(args.seed)
 
