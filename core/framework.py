@@ -396,9 +396,24 @@ def _joinable(plugin: AccelerationPlugin, spec: HookSpec, result: Any) -> list[A
 
 
 def _short(cfg: Any) -> str:
-    if dataclasses.is_dataclass(cfg):
-        return ", ".join(f"{f.name}={getattr(cfg, f.name)!r}" for f in dataclasses.fields(cfg))
-    return repr(cfg)
+    """A section's settings that differ from the schema's defaults (two paths of one plugin
+    may share a schema: listing every field would show each path switching the other's
+    features off)."""
+    if not dataclasses.is_dataclass(cfg):
+        return repr(cfg)
+    changed = []
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if f.default is not dataclasses.MISSING:
+            default = f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            default = f.default_factory()
+        else:
+            changed.append(f"{f.name}={value!r}")
+            continue
+        if value != default or type(value) is not type(default):
+            changed.append(f"{f.name}={value!r}")
+    return ", ".join(changed) or "(defaults)"
 
 
 def _check_core_version(info: PluginInfo) -> None:

@@ -29,6 +29,7 @@ Two rules on one module compose as follows (see :class:`PatchRule` for the actio
 
 from __future__ import annotations
 
+import difflib
 import types
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -153,7 +154,7 @@ def apply_patches(model: Any, rules: Iterable[PatchRule]) -> AppliedPatches:
     try:
         _apply_direct(model, [r for r in rules if r.wrap is None], model_type, applied)
         _apply_wraps(model, [r for r in rules if r.wrap is not None], model_type, applied)
-        _check_features(applied, rules)
+        _check_features(applied, rules, model)
     except BaseException:
         applied.revert()  # never leave a model half-patched
         raise
@@ -252,7 +253,7 @@ def _apply_wraps(
             applied.counts[rule.name] += 1
 
 
-def _check_features(applied: AppliedPatches, rules: Sequence[PatchRule]) -> None:
+def _check_features(applied: AppliedPatches, rules: Sequence[PatchRule], model: Any) -> None:
     totals: dict[str, int] = {}
     for rule in rules:
         totals[rule.feature] = totals.get(rule.feature, 0) + applied.counts[rule.name]
@@ -262,9 +263,26 @@ def _check_features(applied: AppliedPatches, rules: Sequence[PatchRule]) -> None
         raise PatchError(
             f"feature {', '.join(repr(f) for f in empty)} patched nothing in "
             f"{applied.model_class} (model_type {applied.model_type!r}): rule(s) {names} matched "
-            "no module. This model is not supported by that feature; switch it off or use a "
+            f"no module.{_classes_looked_for([r for r in rules if r.feature in empty], model)} "
+            "This model is not supported by that feature; switch it off or use a "
             "supported architecture (`accel plugins` lists what each plugin supports)."
         )
+
+
+def _classes_looked_for(rules: Sequence[PatchRule], model: Any) -> str:
+    """The module classes the empty rules looked for, and the model's closest (a misspelt
+    ``module_classes`` entry, e.g. ``LlamaMlp``, shows up beside ``LlamaMLP``)."""
+    wanted = sorted({c for r in rules for c in r.module_classes})
+    if not wanted:
+        return ""
+    present = sorted({type(m).__name__ for _, m in model.named_modules()})
+    close = sorted(
+        {c for w in wanted for c in difflib.get_close_matches(w, present, n=2, cutoff=0.6)}
+    )
+    text = f" It looked for module class(es) {', '.join(wanted)}"
+    if close:
+        text += f"; this model has {', '.join(close)}"
+    return text + "."
 
 
 def set_attribute(obj: Any, name: str, value: Any) -> Revert:

@@ -184,3 +184,16 @@ def test_report_names_plugins_packages_versions():
     fw = AccelerationFramework(cfg("training.kernels"), available=ALL)
     report = fw.report()
     assert "kernels (test-plugins 0.0)" in report and "plugins.training.kernels" in report
+
+
+def test_report_lists_each_sections_settings_that_differ_from_the_defaults():
+    """Two paths of one plugin share a schema; the start-of-run block must not show one
+    path switching the other's features off."""
+    fw = AccelerationFramework.from_sources(
+        flags={"kernels": ["True", "False"], "lora_kernels": ["bitsandbytes", "true"]},
+        available=ALL,
+    )
+    lines = {line.split(":")[0].strip(): line for line in fw.report().splitlines()}
+    assert lines["plugins.training.kernels"].endswith(": fast_loss=True")
+    assert "fast_loss" not in lines["plugins.peft.quantization.kernels"]
+    assert "base_layer='bitsandbytes'" in lines["plugins.peft.quantization.kernels"]

@@ -189,6 +189,15 @@ def unpatched(model) -> bool:
     return all("forward" not in vars(m) for m in model.modules())
 
 
+def test_a_misspelt_module_class_is_named_beside_the_models_own():
+    typo = patching_plugin(
+        "typo", PatchRule("mlp", "fast_mlp", module_classes=("LlamaMlp",), forward=doubled_norm)
+    )
+    with pytest.raises(PatchError) as err:
+        framework_of(typo).apply_patches(tiny_llama())
+    assert "looked for module class(es) LlamaMlp; this model has LlamaMLP" in str(err.value)
+
+
 def test_a_failing_plugin_leaves_no_patch_of_any_plugin():
     good = patching_plugin(
         "aa_good", PatchRule("rms", "double", module_classes=NORM, forward=doubled_norm)
