@@ -33,14 +33,22 @@ def test_table_covers_every_feature_and_architecture():
                 assert support.reason and support.reason in table, (model_type, feature)
 
 
-def test_every_config_field_belongs_to_a_feature():
-    from dataclasses import fields
+def test_the_config_schema_is_the_records_fields():
+    """The schema is assembled from the records: a new feature's record is its config field
+    (type, default, help), nothing else to edit."""
+    from dataclasses import MISSING, fields
 
     from accel_fused_ops.config import FusedOpsConfig
 
     claimed = [name for f in FEATURES for name in f.fields]
     assert len(claimed) == len(set(claimed)), "a field is claimed by two features"
-    assert set(claimed) == {f.name for f in fields(FusedOpsConfig)}
+    schema = {f.name: f for f in fields(FusedOpsConfig)}
+    assert set(claimed) == set(schema)
+    for feature in FEATURES:
+        for option in feature.schema:
+            got = schema[option.name]
+            assert got.default == option.default and got.default is not MISSING
+            assert got.metadata["help"] == option.help and got.type == option.type
 
 
 def test_report_lines_come_from_the_records():
@@ -93,7 +101,8 @@ def test_a_new_feature_is_unsupported_until_verified(monkeypatch):
     from accel_fused_ops import features, support
 
     rms_types = support.supported_types("fast_rms_layernorm")
-    new = dataclasses.replace(FEATURES[1], name="fast_new_kernel", verified_on=())
+    switch = features.Option("fast_new_kernel", bool, False, "a new kernel")
+    new = dataclasses.replace(FEATURES[1], switch=switch, verified_on=())
     monkeypatch.setattr(features, "FEATURES", (*FEATURES, new))
     try:
         fresh = importlib.reload(support)

@@ -7,68 +7,17 @@ every key, as fms-acceleration's did; the plugin merges the two.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
-from typing import Literal
+from dataclasses import field, fields, make_dataclass
+from typing import Any
 
-FastLoss = Literal["cross_entropy", "fused_linear", "fused_ce_liger"]
-BaseLayer = Literal["auto_gptq", "bitsandbytes", "plain"]
+from .features import FEATURES, SCHEMA, BaseLayer, FastLoss, requested
+
+__all__ = ["BaseLayer", "FastLoss", "FusedOpsConfig"]
 
 
-@dataclass
-class FusedOpsConfig:
-    fast_loss: bool | FastLoss = field(
-        default=False,
-        metadata={
-            "help": "true = fused linear cross-entropy (training never builds the logits); "
-            "'cross_entropy' keeps the logits and uses the cross-entropy kernel; "
-            "'fused_ce_liger' = 'fused_linear'"
-        },
-    )
-    label_smoothing: float = field(
-        default=0.0,
-        metadata={
-            "help": "label smoothing computed inside the fused loss (as torch's); "
-            "--label_smoothing_factor sets it when the fused loss is on"
-        },
-    )
-    z_loss: float = field(
-        default=0.0,
-        metadata={
-            "help": "z-loss scale: adds z_loss * logsumexp(logits)^2 per token to the fused loss "
-            "and logs the term as z_loss"
-        },
-    )
-    token_accuracy: bool = field(
-        default=False,
-        metadata={
-            "help": "log token_accuracy (share of label tokens that are the argmax), computed "
-            "in the fused loss pass without the logits"
-        },
-    )
-    loss_memory_budget_mib: int | None = field(
-        default=None,
-        metadata={
-            "help": "MiB one chunk of the fused linear loss's logits may take; default: the "
-            "rows the matmuls need for full speed, at most 256 MiB (CPU) / 64 MiB (CUDA); "
-            "a frozen lm_head on CPU streams 32 MiB vocabulary blocks instead"
-        },
-    )
-    fast_rms_layernorm: bool = field(default=False, metadata={"help": "RMSNorm kernel"})
-    fast_rope_embeddings: bool = field(default=False, metadata={"help": "RoPE kernel"})
-    fast_swiglu: bool = field(
-        default=False,
-        metadata={"help": "SwiGLU/GeGLU kernel in gated MLPs (4th --fast_kernels value)"},
-    )
-    base_layer: BaseLayer | None = field(
-        default=None,
-        metadata={
-            "help": "what LoRA adapters sit on: auto_gptq (gptqmodel), bitsandbytes (4-bit) "
-            "or plain; must match the model"
-        },
-    )
-    fused_lora: bool = field(
-        default=False, metadata={"help": "base matmul + LoRA update in one autograd function"}
-    )
+class _FusedOpsChecks:
+    """The checks and helpers of :class:`FusedOpsConfig`, whose fields come from the feature
+    records (:data:`accel_fused_ops.features.SCHEMA`)."""
 
     def __post_init__(self) -> None:
         self._check_options_need_their_feature()
@@ -88,13 +37,10 @@ class FusedOpsConfig:
             )
 
     def _check_options_need_their_feature(self) -> None:
-        from .features import FEATURES
-
-        defaults = FusedOpsConfig.__dataclass_fields__
         for feature in FEATURES:
             if not feature.options_need_it or feature.enabled(self):
                 continue
-            given = [o for o in feature.options if getattr(self, o) != defaults[o].default]
+            given = [o.name for o in feature.options if getattr(self, o.name) != o.default]
             if given:
                 raise ValueError(
                     f"{', '.join(given)} set but {feature.name} is off; these options belong "
@@ -105,11 +51,9 @@ class FusedOpsConfig:
         """True when no feature is switched on (``--fast_kernels False False False``): the
         core then refuses the section instead of listing an active plugin that changes
         nothing."""
-        from .features import requested
-
         return not requested(self)
 
-    def merged(self, other: FusedOpsConfig) -> FusedOpsConfig:
+    def merged(self, other: Any) -> Any:
         """Combine the configs of both paths: a switch is on if either path turns it on."""
         default = FusedOpsConfig()
         values = {}
@@ -130,3 +74,13 @@ class FusedOpsConfig:
         if self.fast_loss is True or self.fast_loss == "fused_ce_liger":
             return "fused_linear"
         return self.fast_loss
+
+
+#: the schema of both paths: one field per :class:`~accel_fused_ops.features.Option` of the
+#: feature records, with its type, default and help
+FusedOpsConfig = make_dataclass(
+    "FusedOpsConfig",
+    [(o.name, o.type, field(default=o.default, metadata={"help": o.help})) for o in SCHEMA],
+    bases=(_FusedOpsChecks,),
+    namespace={"__module__": __name__, "__doc__": __doc__.split("\n\n")[0]},
+)

@@ -1,10 +1,12 @@
-"""One record per feature: its config fields, its slot in a command-line flag, when it is on,
-its rules, its report lines, and the architectures a model-level test verified it on.
+"""One record per feature: its config fields (type, default, help), its slot in a
+command-line flag, when it is on, its rules, its report lines, and the architectures a
+model-level test verified it on.
 
-Everything that names a feature reads :data:`FEATURES`: the config's checks, the plugin's
-flags and report, the support table (:mod:`accel_fused_ops.support`: a feature is Supported
-only on the architectures of its ``verified_on``), the README tables, the tests. A new feature
-is its kernel, its integration builder and one record here. The tuple's order is the order
+Everything that names a feature reads :data:`FEATURES`: the config schema itself
+(:mod:`accel_fused_ops.config` assembles its dataclass from the records' fields), its checks,
+the plugin's flags and report, the support table (:mod:`accel_fused_ops.support`: a feature
+is Supported only on the architectures of its ``verified_on``), the README tables, the tests.
+A new feature is its kernel, its integration builder and one record here. The tuple's order is the order
 the rules are applied in:
 ``fused_lora`` first, so the loss rule's lm_head wrapper calls the fused LoRA forward of a
 LoRA-adapted lm_head. Builders live in the integration layer and are imported only when rules
@@ -16,7 +18,7 @@ from __future__ import annotations
 import importlib
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 if TYPE_CHECKING:
     from accel.api import PatchRule
@@ -24,12 +26,32 @@ if TYPE_CHECKING:
     from .config import FusedOpsConfig
 
 
+FastLoss = Literal["cross_entropy", "fused_linear", "fused_ce_liger"]
+BaseLayer = Literal["auto_gptq", "bitsandbytes", "plain"]
+
+
+@dataclass(frozen=True)
+class Option:
+    """One field of the config schema: its name, type, default and the help text the
+    configuration reference shows."""
+
+    name: str
+    type: Any
+    default: Any
+    help: str
+
+
+def _switch(name: str, help: str) -> Option:
+    return Option(name, bool, False, help)
+
+
 @dataclass(frozen=True)
 class Feature:
     """A config switch of the plugin and the patch rules it builds."""
 
-    #: the config field that switches it on (also the name in reports and errors)
-    name: str
+    #: the config field that switches it on (its name is the feature's name in reports and
+    #: errors)
+    switch: Option
     #: the command-line flag (a key of :data:`FLAGS`) that sets it, and the position of its
     #: first value among the flag's values
     flag: str
@@ -47,7 +69,7 @@ class Feature:
     report: Callable[[FusedOpsConfig], list[str]] = lambda settings: []
     #: the other config fields only this feature reads (setting one while the feature is off
     #: is refused when ``options_need_it``)
-    options: tuple[str, ...] = ()
+    options: tuple[Option, ...] = ()
     options_need_it: bool = True
     #: the flag's values for this feature, in order (default: the switch alone)
     flag_fields: tuple[str, ...] = ()
@@ -58,9 +80,26 @@ class Feature:
     verified_on: tuple[str, ...] = ()
 
     @property
+    def name(self) -> str:
+        return self.switch.name
+
+    @property
+    def option_names(self) -> tuple[str, ...]:
+        return tuple(o.name for o in self.options)
+
+    @property
+    def schema(self) -> tuple[Option, ...]:
+        """The config fields the feature owns, in the schema's order: its flag's values
+        first, then its other options."""
+        own = {o.name: o for o in (self.switch, *self.options)}
+        return tuple(own[n] for n in self.values) + tuple(
+            o for o in self.options if o.name not in self.values
+        )
+
+    @property
     def fields(self) -> tuple[str, ...]:
         """Every config field the feature reads."""
-        return (self.name, *self.options)
+        return tuple(o.name for o in self.schema)
 
     @property
     def values(self) -> tuple[str, ...]:
@@ -127,11 +166,19 @@ FLAGS: dict[str, FlagSpec] = {
 
 FEATURES: tuple[Feature, ...] = (
     Feature(
-        name="fused_lora",
+        switch=_switch("fused_lora", "base matmul + LoRA update in one autograd function"),
         flag="fused_lora",
         slot=0,
         flag_fields=("base_layer", "fused_lora"),
-        options=("base_layer",),
+        options=(
+            Option(
+                "base_layer",
+                BaseLayer | None,
+                None,
+                "what LoRA adapters sit on: auto_gptq (gptqmodel), bitsandbytes (4-bit) or "
+                "plain; must match the model",
+            ),
+        ),
         options_need_it=False,  # fms-hf-tuning's --fused_lora auto_gptq False is accepted
         verified_on=EVERY,
         patches="`forward` of every PEFT LoRA linear layer",
@@ -140,7 +187,7 @@ FEATURES: tuple[Feature, ...] = (
         builder="lora:rules",
     ),
     Feature(
-        name="fast_rms_layernorm",
+        switch=_switch("fast_rms_layernorm", "RMSNorm kernel"),
         flag="fast_kernels",
         slot=1,
         verified_on=EVERY,
@@ -150,7 +197,9 @@ FEATURES: tuple[Feature, ...] = (
         builder="norms:rules",
     ),
     Feature(
-        name="fast_swiglu",
+        switch=_switch(
+            "fast_swiglu", "SwiGLU/GeGLU kernel in gated MLPs (4th --fast_kernels value)"
+        ),
         flag="fast_kernels",
         slot=3,
         verified_on=EVERY,
@@ -161,7 +210,7 @@ FEATURES: tuple[Feature, ...] = (
         builder="mlp:rules",
     ),
     Feature(
-        name="fast_rope_embeddings",
+        switch=_switch("fast_rope_embeddings", "RoPE kernel"),
         flag="fast_kernels",
         slot=2,
         verified_on=EVERY,
@@ -172,10 +221,47 @@ FEATURES: tuple[Feature, ...] = (
         report=lambda s: [_ROPE_NOTE],
     ),
     Feature(
-        name="fast_loss",
+        switch=Option(
+            "fast_loss",
+            bool | FastLoss,
+            False,
+            "true = fused linear cross-entropy (training never builds the logits); "
+            "'cross_entropy' keeps the logits and uses the cross-entropy kernel; "
+            "'fused_ce_liger' = 'fused_linear'",
+        ),
         flag="fast_kernels",
         slot=0,
-        options=("label_smoothing", "z_loss", "token_accuracy", "loss_memory_budget_mib"),
+        options=(
+            Option(
+                "label_smoothing",
+                float,
+                0.0,
+                "label smoothing computed inside the fused loss (as torch's); "
+                "--label_smoothing_factor sets it when the fused loss is on",
+            ),
+            Option(
+                "z_loss",
+                float,
+                0.0,
+                "z-loss scale: adds z_loss * logsumexp(logits)^2 per token to the fused loss "
+                "and logs the term as z_loss",
+            ),
+            Option(
+                "token_accuracy",
+                bool,
+                False,
+                "log token_accuracy (share of label tokens that are the argmax), computed "
+                "in the fused loss pass without the logits",
+            ),
+            Option(
+                "loss_memory_budget_mib",
+                int | None,
+                None,
+                "MiB one chunk of the fused linear loss's logits may take; default: the "
+                "rows the matmuls need for full speed, at most 256 MiB (CPU) / 64 MiB (CUDA); "
+                "a frozen lm_head on CPU streams 32 MiB vocabulary blocks instead",
+            ),
+        ),
         verified_on=EVERY,
         patches="the model's `loss_function` (cross-entropy or fused linear cross-entropy)",
         # cross_entropy mode builds the first, fused_linear the second
@@ -197,6 +283,12 @@ def flag_fields(flag: str) -> tuple[str, ...]:
     """The config fields ``flag``'s values set, in order, from the records."""
     mine = sorted((f for f in FEATURES if f.flag == flag), key=lambda f: f.slot)
     return tuple(name for f in mine for name in f.values)
+
+
+#: every config field, feature by feature in table order (the schema's field order)
+SCHEMA: tuple[Option, ...] = tuple(
+    option for name in COLUMNS for option in FEATURE_BY_NAME[name].schema
+)
 
 
 def requested(settings: FusedOpsConfig) -> list[Feature]:
