@@ -32,6 +32,7 @@ CORE_COMMANDS: dict[str, tuple[str, str]] = {
         "accel.cli.train",
         "fine-tune a model (`accel train --help`); `--demo` runs the demo",
     ),
+    "launch": ("accel.cli.launch", "`accel train` over torchrun: N processes, M machines"),
     "plot.loss": ("accel.cli.plot_loss", "loss, learning rate, grad norm, tokens/s of runs (PNG)"),
 }
 
@@ -129,7 +130,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return _run(argv)
     except AccelError as err:
-        if _reports_errors():
+        from .launch import hand_to_launcher  # under `accel launch` the launcher prints it
+
+        if not hand_to_launcher(str(err)) and _reports_errors():
             for line in str(err).splitlines() or [""]:  # several problems: a line each
                 print(f"accel: error: {line}", file=sys.stderr)
         return 2

@@ -26,6 +26,9 @@ from dataclasses import dataclass
 
 #: the switch: unset/"auto" = accel's defaults, an integer = that many threads, "off" = none
 SWITCH = "ACCEL_CPU_THREADS"
+#: the OMP_* names a launcher (``accel launch``) filled in with accel's defaults for its
+#: workers, comma-separated: they are accel's choice, not the user's
+FILLED_BY_LAUNCHER = "ACCEL_THREADS_FILLED_IN"
 
 
 @dataclass(frozen=True)
@@ -35,6 +38,8 @@ class ThreadSetting:
     threads: str
     wait_policy: str
     chosen_by: str
+    #: the variables accel itself put in the environment (a launcher redoes them per worker)
+    filled_in: tuple[str, ...] = ()
 
     def __str__(self) -> str:
         return f"{self.threads} per process, OMP_WAIT_POLICY={self.wait_policy} ({self.chosen_by})"
@@ -90,7 +95,9 @@ def configure(environ: MutableMapping[str, str] | None = None) -> ThreadSetting:
     if _SETTING is not None:
         return _SETTING
     env = os.environ if environ is None else environ
+    launcher = env.get(FILLED_BY_LAUNCHER, "").split(",")
     user = {k: env[k] for k in ("OMP_NUM_THREADS", "OMP_WAIT_POLICY") if k in env}
+    user = {k: v for k, v in user.items() if k not in launcher}
     switch = env.get(SWITCH, "auto").strip().lower()
     torch_loaded = "torch" in sys.modules
     if torch_loaded:
@@ -107,6 +114,7 @@ def configure(environ: MutableMapping[str, str] | None = None) -> ThreadSetting:
         env.get("OMP_NUM_THREADS", "torch default"),
         env.get("OMP_WAIT_POLICY", "OpenMP default"),
         chosen,
+        tuple(k for k in ("OMP_NUM_THREADS", "OMP_WAIT_POLICY") if k in env and k not in user),
     )
     return _SETTING
 
