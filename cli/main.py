@@ -34,6 +34,7 @@ CORE_COMMANDS: dict[str, tuple[str, str]] = {
     ),
     "launch": ("accel.cli.launch", "`accel train` over torchrun: N processes, M machines"),
     "plot.loss": ("accel.cli.plot_loss", "loss, learning rate, grad norm, tokens/s of runs (PNG)"),
+    "new.plugin": ("accel.cli.new_plugin", "write an installable plugin package to start from"),
 }
 
 

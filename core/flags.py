@@ -26,6 +26,9 @@ class Flag:
     Positional values fill ``fields`` of the config at ``path`` in order. ``nargs`` lists the
     accepted value counts when trailing fields are optional (``(3, 4)``: the 4th may be left
     out); by default every field takes a value.
+
+    A flag without ``fields`` is an on/off switch: ``--name`` or ``--name true`` (``True``
+    from Python) activates ``path`` with the schema's defaults, ``--name false`` leaves it off.
     """
 
     name: str
@@ -34,17 +37,26 @@ class Flag:
     fields: tuple[str, ...] = ()
     nargs: tuple[int, ...] | None = None
 
+    @property
+    def is_switch(self) -> bool:
+        return not self.fields and self.nargs is None
+
     def value_counts(self) -> tuple[int, ...]:
+        if self.is_switch:
+            return (0, 1)
         return self.nargs if self.nargs is not None else (len(self.fields),)
 
     def usage(self) -> str:
         """``--name field1 field2 [field3]``, optional trailing fields in brackets."""
+        if self.is_switch:
+            return f"--{self.name} [true|false]"
         shortest = min(self.value_counts())
         names = [f if i < shortest else f"[{f}]" for i, f in enumerate(self.fields)]
         return " ".join([f"--{self.name}", *names])
 
-    def to_config(self, values: Sequence[Any]) -> dict[str, Any]:
-        """The keys the values set at ``self.path``, values unchanged (the schema types them)."""
+    def to_config(self, values: Sequence[Any]) -> dict[str, Any] | None:
+        """The keys the values set at ``self.path``, values unchanged (the schema types them);
+        ``None`` for a switch turned off."""
         values = list(values)
         counts = self.value_counts()
         if len(values) not in counts:
@@ -53,6 +65,8 @@ class Flag:
                 f"--{self.name}: got {len(values)} value(s) {values}, expected {expected}: "
                 f"{self.usage()}"
             )
+        if self.is_switch and values and not _switch_on(self.name, values[0]):
+            return None
         return dict(zip(self.fields, values))
 
     def to_values(self, config: Any) -> list[str] | None:
@@ -72,6 +86,17 @@ class Flag:
             if getattr(config, f.name) != default:
                 return None
         return [_word(getattr(config, name)) for name in self.fields]
+
+
+def _switch_on(name: str, value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    word = str(value).strip().lower()
+    if word in ("true", "yes", "on", "1"):
+        return True
+    if word in ("false", "no", "off", "0"):
+        return False
+    raise ConfigError(f"--{name}: got {value!r}, expected true or false (or no value): --{name}")
 
 
 def _word(value: Any) -> str:

@@ -126,7 +126,7 @@ def flag_sources(
     return found
 
 
-def _flag_source(name: str, raw: Any, table: Mapping[str, Any], overrides: bool) -> Source:
+def _flag_source(name: str, raw: Any, table: Mapping[str, Any], overrides: bool) -> Source | None:
     if name not in table:
         entry = catalog_for_flag(name)
         if entry is not None:
@@ -136,7 +136,10 @@ def _flag_source(name: str, raw: Any, table: Mapping[str, Any], overrides: bool)
         )
     flag = table[name][0]
     items = list(raw) if isinstance(raw, (list, tuple)) else [raw]
-    return Source(f"--{name}", {flag.path: flag.to_config(items)}, coerce=True, overrides=overrides)
+    keys = flag.to_config(items)
+    if keys is None:  # a bare on/off flag turned off
+        return None
+    return Source(f"--{name}", {flag.path: keys}, coerce=True, overrides=overrides)
 
 
 def merge_sources(

@@ -148,6 +148,56 @@ def test_flag_values_keep_their_types():
     assert cfg.fast_loss is True and cfg.fast_rms_layernorm is False
 
 
+@dataclass
+class SwitchConfig:
+    scale: float = 1.0
+
+
+class SwitchPlugin(AccelerationPlugin):
+    name = "switch"
+    config_paths = ("training.switch",)
+    config_schema = SwitchConfig
+    flags = (accel.Flag("my_feature", "training.switch", "on/off"),)
+
+
+SWITCH = infos(SwitchPlugin)
+
+
+@pytest.mark.parametrize(
+    ("argv", "active"),
+    [
+        (["--my_feature"], True),
+        (["--my_feature", "True"], True),
+        (["--my_feature", "yes"], True),
+        (["--my_feature", "false"], False),
+        (["--my_feature", "0"], False),
+    ],
+)
+def test_flag_without_fields_is_an_on_off_switch(argv, active):
+    from accel.trainer.parsing import parse_argv
+
+    config = parse_argv(argv, SWITCH)
+    fw = from_sources(flags=config.flags, available=SWITCH)
+    assert fw.names == (["switch"] if active else [])
+    if active:
+        assert fw.get("switch").config() == SwitchConfig()  # the schema's defaults
+
+
+@pytest.mark.parametrize(("value", "active"), [(True, True), (False, False), ([], True)])
+def test_switch_from_python(value, active):
+    fw = from_sources(flags={"my_feature": value}, available=SWITCH)
+    assert fw.names == (["switch"] if active else [])
+
+
+def test_switch_refuses_other_values():
+    flag = SwitchPlugin.flags[0]
+    assert flag.usage() == "--my_feature [true|false]"
+    with pytest.raises(ConfigError, match=r"--my_feature: got 'maybe', expected true or false"):
+        from_sources(flags={"my_feature": ["maybe"]}, available=SWITCH)
+    with pytest.raises(ConfigError, match=r"got 2 value\(s\).*expected 0 or 1"):
+        from_sources(flags={"my_feature": [True, True]}, available=SWITCH)
+
+
 def test_flag_of_missing_plugin_names_install_command():
     with pytest.raises(PluginNotInstalledError, match="--padding_free.*install attention_packing"):
         from_sources(flags={"padding_free": ["huggingface"]})

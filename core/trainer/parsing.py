@@ -94,7 +94,7 @@ def build_parser(available: Mapping[str, PluginInfo] | None = None) -> argparse.
         metavar = flag.fields if flag else None
         group.add_argument(
             f"--{name}",
-            nargs="+",
+            nargs="*" if flag and flag.is_switch else "+",
             default=None,
             help=help_text,
             metavar=metavar[0] if metavar and len(metavar) == 1 else None,
