@@ -155,7 +155,8 @@ class HookSpecs:
     def augment_model(
         self, model: PreTrainedModel, train_args: TrainingArguments, peft_config: PeftConfig | None
     ) -> tuple[PreTrainedModel, PeftConfig | None]:
-        """Change the model after loading, before the adapters are applied.
+        """Change the model after loading, before the adapters are applied; return
+        ``(model, peft_config)``.
 
         ``peft_config`` is the LoRA config the core will apply (``None`` for full
         fine-tuning). Return ``(model, peft_config)``; return ``peft_config=None`` when the
@@ -164,7 +165,8 @@ class HookSpecs:
 
     @_spec(Combine.FANOUT, joins=True)
     def patch_rules(self, model: Model) -> Sequence[PatchRule]:
-        """Return the :class:`accel.PatchRule` objects to apply to ``model``.
+        """Return the :class:`accel.PatchRule` objects to apply to ``model``, once its
+        adapters are in place (every plugin's rules apply as one transaction).
 
         ``model`` has its adapters in place (a ``PeftModel`` under LoRA). Check here what can
         be checked (raise :class:`accel.PatchError`): nothing is patched until every active
@@ -218,7 +220,8 @@ class HookSpecs:
 
     @_spec(Combine.FANOUT, joins=True)
     def callbacks(self, model: Model, accelerator: Accelerator) -> Sequence[TrainerCallback]:
-        """Return ``transformers.TrainerCallback`` objects to add to the trainer.
+        """Return ``transformers.TrainerCallback`` objects to add to the trainer, before
+        training: trainer events reach a plugin this way.
 
         This is how a plugin receives trainer events (``on_step_end``, ``on_log``, ...).
         """

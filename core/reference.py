@@ -88,3 +88,29 @@ def render(available: Mapping[str, PluginInfo] | None = None) -> str:
 
 if __name__ == "__main__":
     print(render(), end="")
+
+
+#: where the hook table sits in docs/plugin-authoring.md
+HOOK_TABLE_START = "<!-- hook-table:start (generated: python scripts/update_docs.py) -->\n"
+HOOK_TABLE_END = "<!-- hook-table:end -->\n"
+
+
+def hook_table() -> str:
+    """The plugin guide's table of hooks, from :data:`accel.hookspecs.SPECS` (signature, the
+    first paragraph of the spec's docstring, how results combine)."""
+    import re
+
+    from .hookspecs import SPECS, Combine
+
+    rows = ["| hook | when; what to return | combination |", "|---|---|---|"]
+    for spec in SPECS.values():
+        when = " ".join(spec.doc.split("\n\n")[0].split())
+        when = re.sub(r":\w+:`~?([^`]+)`", r"`\1`", when).replace("``", "`")
+        if spec.combine is Combine.SINGLE:
+            how = "single owner" + (f" (one for all '{spec.group}' hooks)" if spec.group else "")
+        elif spec.combine is Combine.CHAINED:
+            how = f"chained (passes on {', '.join(f'`{t}`' for t in spec.threads)})"
+        else:
+            how = "fan-out" + (", lists joined" if spec.joins else "")
+        rows.append(f"| `{spec.name}({', '.join(spec.params)})` | {when} | {how} |")
+    return "\n".join(rows) + "\n"

@@ -23,3 +23,15 @@ def test_configuration_reference_is_current():
     assert MARKER in text, "docs/configuration.md lost its generated-section marker"
     generated = text.split(MARKER, 1)[1]
     assert generated == render(), "regenerate with: python scripts/update_docs.py"
+
+
+def test_plugin_guide_hook_table_is_the_spec():
+    """The guide's hook table is generated from accel.hookspecs: a new hook shows up there."""
+    from accel.hookspecs import SPECS
+    from accel.reference import HOOK_TABLE_END, HOOK_TABLE_START, hook_table
+
+    text = (DOC.parent / "plugin-authoring.md").read_text()
+    assert HOOK_TABLE_START in text and HOOK_TABLE_END in text
+    table = text.split(HOOK_TABLE_START, 1)[1].split(HOOK_TABLE_END, 1)[0]
+    assert table == hook_table(), "regenerate with: python scripts/update_docs.py"
+    assert all(f"| `{name}(" in table for name in SPECS)
