@@ -9,23 +9,21 @@ from __future__ import annotations
 from importlib import import_module
 from typing import Any
 
+from .api import _EXPORTS as _PLUGIN_API  # a table of names; loads nothing
 from .version import __version__
 
+#: the library's names: the plugin API's contract and errors (``accel.api``), plus the
+#: entry points of a user of the library
 _EXPORTS = {
-    "AccelerationPlugin": "plugin",
-    "hook": "hookspecs",
-    "Flag": "flags",
+    **{
+        name: module
+        for name, module in _PLUGIN_API.items()
+        if module in ("plugin", "hookspecs", "flags", "errors")
+    },
     "AccelerationFramework": "framework",
     "PatchRule": "patching",
     "AppliedPatches": "patching",
     "apply_patches": "patching",
-    "AccelError": "errors",
-    "ConfigError": "errors",
-    "PatchError": "errors",
-    "PluginConflictError": "errors",
-    "PluginNotInstalledError": "errors",
-    "PluginRequirementError": "errors",
-    "UnsupportedModelError": "errors",
     "train": "trainer.run",
     "plot_runs": "plots",
 }

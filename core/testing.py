@@ -6,8 +6,8 @@ caller's overrides (the overrides win over all three, a size's special ids over 
 architecture's):
 
 1. ``SIZES[size]``: the dimensions, in Llama's names (translated for GPTBigCode). ``"tiny"``
-   (hidden 32, vocab 64) fits the demo's word-level tokenizer
-   (``accel.trainer.demo.build_tokenizer``) and its special ids; ``"small"`` (hidden 64,
+   (hidden 32, vocab 64) fits the word-level tokenizer of the cipher task
+   (:func:`tiny_tokenizer`) and its special ids; ``"small"`` (hidden 64,
    vocab 128) keeps each architecture's default special ids.
 2. ``ARCHITECTURES[model_type]``: what every tiny model of that architecture needs (dropout
    off, a few experts instead of eight, the head size that follows from the dimensions).
@@ -16,19 +16,29 @@ architecture's):
    partial rotary, SmolLM3's NoPE layers), which a patch or kernel has to preserve.
 
 Models are built in fp32 from ``torch.manual_seed(seed)``: the same arguments give the same
-weights.
+weights. The cipher task (:data:`CIPHER`, :data:`TEMPLATE`) is the one the demo trains; the
+demo (:mod:`accel.trainer.demo`) builds its model and tokenizer from here.
 """
 
 from __future__ import annotations
 
+import string
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     import torch
-    from transformers import PretrainedConfig, PreTrainedModel
+    from transformers import PretrainedConfig, PreTrainedModel, PreTrainedTokenizerFast
 
-#: the demo tokenizer's ids (``accel.trainer.demo.build_tokenizer``)
+#: the cipher task: each letter of the input is replaced by the letter five places on
+LETTERS = string.ascii_lowercase[:16]
+CIPHER = dict(zip(LETTERS, LETTERS[5:] + LETTERS[:5]))
+TEMPLATE = "### Input: {{input}}\n### Response: {{output}}"
+RESPONSE_TEMPLATE = "### Response:"
+#: the first ids of every word-level tokenizer built here, in this order
+SPECIALS = ["<pad>", "<unk>", "<s>", "</s>"]
+#: the tiny tokenizer's ids (:func:`tiny_tokenizer`)
 SPECIAL_IDS = {"pad_token_id": 0, "bos_token_id": 2, "eos_token_id": 3}
 
 _DIMENSIONS = {
@@ -213,12 +223,41 @@ def save_tiny_model(directory: str | Path, model_type: str = "llama", **options:
 
     The default size (``"tiny"``) matches the tokenizer's vocabulary and special ids.
     """
-    from .trainer.demo import build_tokenizer
-
     directory = Path(directory)
     tiny_model(model_type, **options).save_pretrained(directory)
-    build_tokenizer().save_pretrained(directory)
+    tiny_tokenizer().save_pretrained(directory)
     return directory
+
+
+def word_level_tokenizer(
+    words: Sequence[str], model_max_length: int | None = None
+) -> PreTrainedTokenizerFast:
+    """A whitespace-split, word-level tokenizer over ``SPECIALS`` followed by ``words``
+    (duplicates dropped); ``<s>`` starts every text."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {w: i for i, w in enumerate(dict.fromkeys([*SPECIALS, *words]))}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.post_processor = processors.TemplateProcessing(
+        single="<s> $A", special_tokens=[("<s>", vocab["<s>"])]
+    )
+    extra = {} if model_max_length is None else {"model_max_length": model_max_length}
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token="<s>",
+        eos_token="</s>",
+        pad_token="<pad>",
+        unk_token="<unk>",
+        **extra,
+    )
+
+
+def tiny_tokenizer() -> PreTrainedTokenizerFast:
+    """The cipher task's tokenizer: its letters and template words (fits the ``"tiny"``
+    size's vocabulary and :data:`SPECIAL_IDS`)."""
+    return word_level_tokenizer([*LETTERS, "###", "Input", "Response", ":"])
 
 
 def assert_close_scaled(
@@ -240,10 +279,8 @@ def assert_close_scaled(
 
 
 def cipher_run_args(model_dir: str | Path, data_path: str | Path, **overrides: Any) -> dict:
-    """Trainer arguments of a short, deterministic run on the demo's cipher task (rows from
+    """Trainer arguments of a short, deterministic run on the cipher task (rows from
     ``accel.trainer.demo.make_examples`` written as JSONL at ``data_path``); ``overrides`` win."""
-    from .trainer.demo import RESPONSE_TEMPLATE, TEMPLATE
-
     return {
         "model_name_or_path": str(model_dir),
         "training_data_path": str(data_path),

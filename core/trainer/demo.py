@@ -12,17 +12,13 @@ import json
 import os
 import random
 import shutil
-import string
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..testing import CIPHER, LETTERS, RESPONSE_TEMPLATE, TEMPLATE, tiny_model, tiny_tokenizer
+
 DEMO_VERSION = "1"
-LETTERS = string.ascii_lowercase[:16]
-CIPHER = dict(zip(LETTERS, LETTERS[5:] + LETTERS[:5]))
-TEMPLATE = "### Input: {{input}}\n### Response: {{output}}"
-RESPONSE_TEMPLATE = "### Response:"
-SPECIALS = ["<pad>", "<unk>", "<s>", "</s>"]
 
 
 @dataclass(frozen=True)
@@ -48,27 +44,10 @@ def make_examples(count: int, seed: int) -> list[dict[str, str]]:
 
 def build_tokenizer() -> object:
     """A word-level tokenizer over the demo's alphabet and template words."""
-    from tokenizers import Tokenizer, models, pre_tokenizers, processors
-    from transformers import PreTrainedTokenizerFast
-
-    words = [*SPECIALS, *LETTERS, "###", "Input", "Response", ":"]
-    vocab = {w: i for i, w in enumerate(words)}
-    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.post_processor = processors.TemplateProcessing(
-        single="<s> $A", special_tokens=[("<s>", vocab["<s>"])]
-    )
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tok,
-        bos_token="<s>",
-        eos_token="</s>",
-        pad_token="<pad>",
-        unk_token="<unk>",
-    )
+    return tiny_tokenizer()
 
 
 def build_model(vocab_size: int) -> object:
-    from ..testing import tiny_model
 
     return tiny_model(
         "llama",

@@ -75,47 +75,76 @@ def build_framework(config: TrainConfig, available: Mapping[str, Any]) -> Accele
 
 
 def run(config: TrainConfig, available: Mapping[str, Any]) -> TrainResult:
-    import torch
+    """One training run, phase by phase (each phase is a function below)."""
+    framework = check_config(config, available)
+    args = config.training
+    _configure_logging(args)
     import transformers
 
+    transformers.set_seed(args.seed)
+    tokenizer = load_tokenizer(config)
+    resume = check_model_and_outputs(config, framework)
+    model = build_model(config, framework, tokenizer)
+    trainer, train_ds = build_trainer(config, framework, model, tokenizer)
+    output, runtime = train_loop(trainer, framework, resume)
+    model_dir = save_and_export(trainer, framework)
+    summary = summarize(trainer, output, runtime, train_ds, model_dir)
+    if trainer.is_world_process_zero():
+        print(format_summary(summary), flush=True)
+    return TrainResult(
+        dict(output.metrics), summary, model_dir, framework, trainer.state.log_history
+    )
+
+
+def check_config(config: TrainConfig, available: Mapping[str, Any]) -> AccelerationFramework:
+    """Values, paths, data files, model folder, launch, plugins and their flags: nothing heavy
+    loads, and every problem found is reported together. Returns the run's framework."""
     from . import distributed
     from .datamix import check_mixer
     from .preflight import check_before_loading
 
-    # values, paths, data files, model folder, launch, plugins and their flags: nothing heavy
-    # yet, and every problem found is reported together
     problems = Problems()
     check_before_loading(config, problems)
     problems.check(distributed.check_launch, config)
     framework = problems.check(build_framework, config, available)
     if framework is not None:
         problems.check(check_mixer, config, framework)
-    problems.raise_any()  # so framework is set from here on
-    args = config.training
-    _configure_logging(args)
-    transformers.set_seed(args.seed)
+    problems.raise_any()  # so framework is set
+    return framework  # type: ignore[return-value]
 
-    tokenizer = load_tokenizer(config)
+
+def check_model_and_outputs(config: TrainConfig, framework: AccelerationFramework) -> str | None:
+    """With the model's config.json read: the plugins' checks of the model and the run, the
+    save folder (a killed save's folder made one model again), and the checkpoint to resume
+    from (damaged, model-only and foreign ones refused before the model loads)."""
+    args = config.training
     model_config = load_model_config(config.model.model_name_or_path)
     framework.check_model(model_config, config.model.model_name_or_path)
     framework.check_run(config, model_config)
     check_save_dir(args.save_model_dir)
-    recover_interrupted_save(args.save_model_dir)  # a killed save's folder: one model again
-    resume = resolve_resume(  # checked before the model loads: damaged, model-only, foreign
+    recover_interrupted_save(args.save_model_dir)
+    return resolve_resume(
         args.resume_from_checkpoint,
         args.output_dir,
         model_config=model_config,
         tuning=config.tuning,
         warn=args.process_index == 0,
     )
+
+
+def build_model(config: TrainConfig, framework: AccelerationFramework, tokenizer: Any) -> Any:
+    """Load the model (a plugin's loader or the default), let plugins change it, apply the
+    adapters, then the plugins' patches (one transaction)."""
+    import torch
+
+    from .tuning import build_peft_config
+
+    args = config.training
     model = framework.load_model(
         config.model.model_name_or_path, default=default_loader, **model_kwargs(config, torch)
     )
     if args.gradient_checkpointing:
         model.config.use_cache = False
-
-    from .tuning import build_peft_config
-
     peft_config = build_peft_config(model, tokenizer, config.tuning)
     model, peft_config = framework.augment_model(model, args, peft_config)
     if peft_config is not None:
@@ -123,19 +152,28 @@ def run(config: TrainConfig, available: Mapping[str, Any]) -> TrainResult:
 
         model = peft.get_peft_model(model, peft_config)
     framework.apply_patches(model)
+    return model
 
-    train_ds, eval_ds = _datasets(config, tokenizer, framework)
+
+def build_trainer(
+    config: TrainConfig, framework: AccelerationFramework, model: Any, tokenizer: Any
+) -> tuple[Any, Any]:
+    """The datasets, the collator and the trainer with its callbacks; returns the trainer
+    and the training dataset."""
+    import torch
     from transformers import DataCollatorForSeq2Seq
 
-    default_collator = DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100)
-    collator = framework.data_collator(tokenizer, args, default_collator)
-
+    from . import distributed
     from .callbacks import JsonlLogCallback, PluginSaveCallback
+    from .ddp import set_find_unused
+    from .progress import install as install_progress_bar
     from .trainer import AccelTrainer
 
+    args = config.training
+    train_ds, eval_ds = _datasets(config, tokenizer, framework)
+    default_collator = DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100)
+    collator = framework.data_collator(tokenizer, args, default_collator)
     args.remove_unused_columns = False
-    from .ddp import set_find_unused
-
     set_find_unused(args, model)  # off unless a trainable module can be skipped (MoE experts)
     if not torch.cuda.is_available():
         args.dataloader_pin_memory = False  # pinning needs an accelerator; avoids a warning
@@ -155,28 +193,44 @@ def run(config: TrainConfig, available: Mapping[str, Any]) -> TrainResult:
     trainer.add_callback(JsonlLogCallback(args.output_dir, trainer))
     distributed.check_engaged(trainer, config)
     trainer.add_callback(distributed.make_engaged_check_callback(trainer))
-    from .progress import install as install_progress_bar
-
     install_progress_bar(trainer)  # one bar with loss and tokens/s (ACCEL_PROGRESS=verbose: all)
+    return trainer, train_ds
 
+
+def train_loop(
+    trainer: Any, framework: AccelerationFramework, resume: str | None
+) -> tuple[Any, float]:
+    """The start-of-training block, then the training loop; returns its output and seconds."""
     if trainer.is_world_process_zero():
         print(framework.report(), flush=True)
-
-    if resume and trainer.is_world_process_zero():
-        print(f"accel: resuming from {resume}", flush=True)
+        if resume:
+            print(f"accel: resuming from {resume}", flush=True)
     start = time.perf_counter()
     output = trainer.train(resume_from_checkpoint=resume)
-    runtime = time.perf_counter() - start
+    return output, time.perf_counter() - start
 
-    model_dir = None
-    if args.save_model_dir:
-        model_dir = save_final_model(trainer, args.save_model_dir)
-    if model_dir is not None and trainer.is_world_process_zero():
+
+def save_and_export(trainer: Any, framework: AccelerationFramework) -> str | None:
+    """The final model into ``save_model_dir`` (when set), then the plugins' exports of it."""
+    args = trainer.args
+    if not args.save_model_dir:
+        return None
+    model_dir = save_final_model(trainer, args.save_model_dir)
+    if trainer.is_world_process_zero():
         framework.export(trainer.model, model_dir)  # after a save only; its absolute path
+    return model_dir
 
+
+def summarize(
+    trainer: Any, output: Any, runtime: float, train_ds: Any, model_dir: str | None
+) -> dict[str, Any]:
+    """The training summary's values, in the order it prints them."""
+    from . import distributed
+
+    args = trainer.args
     tokens, real_tokens = trainer.global_token_counts()
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
-    summary = {
+    return {
         "runtime_s": round(runtime, 2),
         "train_steps": trainer.state.global_step,
         "processes": args.world_size,
@@ -198,11 +252,6 @@ def run(config: TrainConfig, available: Mapping[str, Any]) -> TrainResult:
         "logs": _logs_path(args.output_dir),
         "cpu_threads": _threads(),
     }
-    if trainer.is_world_process_zero():
-        print(format_summary(summary), flush=True)
-    return TrainResult(
-        dict(output.metrics), summary, model_dir, framework, trainer.state.log_history
-    )
 
 
 def _threads() -> str:

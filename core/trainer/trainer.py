@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from transformers import Trainer
 
-from .checkpoints import CheckpointMixin
+from .checkpointing import CheckpointMixin
 
 
 class AccelTrainer(CheckpointMixin, Trainer):

@@ -77,25 +77,12 @@ def cache_dir() -> Path:
 
 def build_tokenizer() -> Any:
     """Word-level tokenizer over the generated datasets' words; ``<s>`` starts every text."""
-    from tokenizers import Tokenizer, models, pre_tokenizers, processors
-    from transformers import PreTrainedTokenizerFast
+    from accel.testing import word_level_tokenizer
 
     from .datasets import NEWS_WORDS, PROMPT_WORDS, PUNCTUATION, SPECIALS
 
-    words = list(dict.fromkeys([*SPECIALS, *PUNCTUATION, *PROMPT_WORDS, *NEWS_WORDS]))
-    vocab = {w: i for i, w in enumerate(words)}
-    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.post_processor = processors.TemplateProcessing(
-        single="<s> $A", special_tokens=[("<s>", vocab["<s>"])]
-    )
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tok,
-        bos_token="<s>",
-        eos_token="</s>",
-        pad_token="<pad>",
-        unk_token="<unk>",
-        model_max_length=MAX_POSITIONS,
+    return word_level_tokenizer(
+        [*SPECIALS, *PUNCTUATION, *PROMPT_WORDS, *NEWS_WORDS], model_max_length=MAX_POSITIONS
     )
 
 

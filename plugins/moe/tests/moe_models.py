@@ -64,8 +64,8 @@ def moe_model(model_type: str, seed: int = 0, **overrides: Any) -> Any:
 
 def save_moe_model(directory: Any, model_type: str = "mixtral", **overrides: Any) -> Any:
     """A tiny MoE model and the demo tokenizer, saved for ``accel.train``."""
-    from accel.trainer.demo import build_tokenizer
+    from accel.testing import tiny_tokenizer
 
     moe_model(model_type, **overrides).save_pretrained(directory)
-    build_tokenizer().save_pretrained(directory)
+    tiny_tokenizer().save_pretrained(directory)
     return directory
