@@ -413,7 +413,7 @@ def _short(cfg: Any) -> str:
             continue
         if value != default or type(value) is not type(default):
             changed.append(f"{f.name}={value!r}")
-    return ", ".join(changed) or "(defaults)"
+    return ", ".join(changed) or "(every option at its default)"
 
 
 def _check_core_version(info: PluginInfo) -> None:
