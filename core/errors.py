@@ -66,10 +66,16 @@ class Problems:
         return None
 
     def raise_any(self) -> None:
-        if len(self.errors) == 1:
-            raise self.errors[0]
-        if self.errors:
-            raise ErrorList(self.errors)
+        """Raise what was found; a problem two checks both saw (e.g. a broken data config,
+        read by the data check and by the mixer check) is reported once."""
+        unique: dict[str, AccelError] = {}
+        for err in self.errors:
+            unique.setdefault(str(err), err)
+        found = list(unique.values())
+        if len(found) == 1:
+            raise found[0]
+        if found:
+            raise ErrorList(found)
 
 
 def did_you_mean(word: str, choices: Iterable[str]) -> str:
