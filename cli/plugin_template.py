@@ -120,8 +120,7 @@ import pytest
 import torch
 from accel import AccelerationFramework, ConfigError
 from accel.registry import discover_plugins
-from accel.testing import cipher_run_args, save_tiny_model, tiny_model
-from accel.trainer.demo import make_examples
+from accel.testing import cipher_run_args, make_examples, save_tiny_model, tiny_model
 
 from $package import $config_cls, $cls
 

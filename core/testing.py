@@ -22,6 +22,7 @@ demo (:mod:`accel.trainer.demo`) builds its model and tokenizer from here.
 
 from __future__ import annotations
 
+import random
 import string
 from collections.abc import Sequence
 from pathlib import Path
@@ -229,6 +230,17 @@ def save_tiny_model(directory: str | Path, model_type: str = "llama", **options:
     return directory
 
 
+def make_examples(count: int, seed: int) -> list[dict[str, str]]:
+    """``count`` rows of the cipher task (``input``: 3-10 letters, ``output``: their cipher),
+    the same for the same ``seed``."""
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(count):
+        word = [rng.choice(LETTERS) for _ in range(rng.randint(3, 10))]
+        rows.append({"input": " ".join(word), "output": " ".join(CIPHER[c] for c in word)})
+    return rows
+
+
 def word_level_tokenizer(
     words: Sequence[str], model_max_length: int | None = None
 ) -> PreTrainedTokenizerFast:
@@ -280,7 +292,7 @@ def assert_close_scaled(
 
 def cipher_run_args(model_dir: str | Path, data_path: str | Path, **overrides: Any) -> dict:
     """Trainer arguments of a short, deterministic run on the cipher task (rows from
-    ``accel.trainer.demo.make_examples`` written as JSONL at ``data_path``); ``overrides`` win."""
+    ``make_examples`` written as JSONL at ``data_path``); ``overrides`` win."""
     return {
         "model_name_or_path": str(model_dir),
         "training_data_path": str(data_path),

@@ -10,13 +10,12 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..testing import CIPHER, LETTERS, RESPONSE_TEMPLATE, TEMPLATE, tiny_model, tiny_tokenizer
+from ..testing import RESPONSE_TEMPLATE, TEMPLATE, make_examples, tiny_model, tiny_tokenizer
 
 DEMO_VERSION = "1"
 
@@ -31,15 +30,6 @@ class DemoAssets:
 def cache_root() -> Path:
     base = os.environ.get("ACCEL_CACHE") or Path.home() / ".cache" / "accel"
     return Path(base) / f"demo-v{DEMO_VERSION}"
-
-
-def make_examples(count: int, seed: int) -> list[dict[str, str]]:
-    rng = random.Random(seed)
-    rows = []
-    for _ in range(count):
-        word = [rng.choice(LETTERS) for _ in range(rng.randint(3, 10))]
-        rows.append({"input": " ".join(word), "output": " ".join(CIPHER[c] for c in word)})
-    return rows
 
 
 def build_tokenizer() -> object:
